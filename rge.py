@@ -1,0 +1,144 @@
+"""Randomized gradient estimation (RGE): the gradient of a loss from forward passes alone.
+
+Math (arXiv:2402.11592 §3, eq. (1)): for a loss f(θ), q random directions u_j ~ N(0, I) and a
+smoothing radius μ, the two-sided estimate is
+
+    ĝ = (1/q) Σ_j [f(θ + μu_j) − f(θ − μu_j)] / (2μ) · u_j  =  Σ_j c_j · u_j,
+
+an unbiased estimate of the gradient of the Gaussian-smoothed loss f_μ(θ) = E_u f(θ + μu), which
+tends to ∇f(θ) as μ → 0 and q grows. Each scalar c_j = [f(θ+μu_j) − f(θ−μu_j)] / (2μq) is the
+projected gradient along u_j (divided by q).
+
+The memory trick (MeZO, arXiv:2305.17333, Alg. 1): u is never stored. The slice of u_j that belongs
+to trainable tensor i is drawn from its own generator seeded by (seed_j, i), so it can be redrawn at
+any time, for any subset of tensors, in any order. The whole estimate is an `Estimate`: a loss, q
+seeds and q coefficients. An optimizer consumes it one tensor at a time through `gradients`.
+
+The weights are never written here. f(θ ± μu) is evaluated *functionally*: around the forward call of
+each module that owns a trainable tensor, a hook swaps the tensor for its perturbed copy θ_i ± μu_i and
+puts the original back when the module returns. So the only write to θ is the optimizer's update: with
+lr = 0 the weights stay bitwise equal in any dtype, where the usual in-place +μ, −2μ, +μ round trip
+rounds three times and drifts in fp16/bf16. Per step of ZO-SGD, u is drawn three times (two
+perturbed forwards, one update), where the in-place scheme needs four.
+
+References: 1) MeZO, Malladi et al. 2023, arXiv:2305.17333. 2) Zhang et al. 2024, ZO-Bench,
+arXiv:2402.11592, §3 and App. A. 3) Nesterov & Spokoiny 2017, Gaussian smoothing.
+Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate (forward_grad.py).
+"""
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.nn.modules.module import (register_module_forward_hook,
+                                     register_module_forward_pre_hook)
+
+SEED_BITS = 20  # tensor index bits in a generator seed: up to 2^20 trainable tensors
+
+
+@dataclass
+class Estimate:
+    """ĝ = Σ_j coeffs[j] · u(seeds[j]): the whole gradient estimate in a few scalars."""
+    loss: float                # mean of f(θ+μu_j) and f(θ−μu_j) over the queries ≈ f(θ)
+    seeds: list[int]           # one seed per direction u_j
+    coeffs: list[float]        # c_j, the projected gradients already divided by q
+    forward_passes: int        # forwards spent on this estimate
+
+
+# ---- directions ---------------------------------------------------------------------------------
+
+def direction(p: torch.Tensor, seed: int, i: int) -> torch.Tensor:
+    """u for tensor i: N(0, I) shaped like p, from a generator seeded by (seed, i) alone.
+
+    The only source of u in the project. A fresh generator per tensor (never the global RNG) makes u
+    independent of the order tensors are visited in, and of anything else that draws random numbers.
+    """
+    gen = torch.Generator(device=p.device).manual_seed((seed << SEED_BITS) + i)
+    return torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+
+
+# ---- functional perturbation --------------------------------------------------------------------
+
+@contextmanager
+def perturbed(params: list[torch.Tensor], seed: int, scale: float):
+    """Within the block, every module sees θ_i + scale·u_i(seed) instead of its trainable θ_i.
+
+    A global forward pre-hook looks at each module about to run; for each of its own parameters that
+    is trainable tensor i, it puts the perturbed copy in `module._parameters` and keeps the original;
+    the matching forward hook puts the original back. At most one module's copies are alive at a time
+    (plus the module's activations), so the cost is one tensor, not one model. A tensor shared by two
+    modules (tied embeddings) is perturbed identically in both, since u depends on (seed, i) only.
+    Yields the set of tensor indices that were reached, so callers can tell unused tensors apart.
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    saved = {}    # module -> list of (name, original Parameter), while that module runs
+    reached = set()
+
+    def swap_in(module, args):
+        slots = [(n, p) for n, p in module._parameters.items() if id(p) in index]
+        if not slots:
+            return
+        saved.setdefault(module, []).append(slots)
+        for name, p in slots:
+            u = direction(p, seed, index[id(p)])
+            module._parameters[name] = torch.add(p, u, alpha=scale, out=u)  # one rounding
+            reached.add(index[id(p)])
+
+    def swap_out(module, args, output):
+        if saved.get(module):
+            for name, p in saved[module].pop():
+                module._parameters[name] = p
+
+    handles = [register_module_forward_pre_hook(swap_in), register_module_forward_hook(swap_out)]
+    try:
+        yield reached
+    finally:
+        for h in handles:
+            h.remove()
+        for module, stack in saved.items():  # a forward that raised never reached its hook
+            for slots in reversed(stack):
+                for name, p in slots:
+                    module._parameters[name] = p
+
+
+# ---- the estimate -------------------------------------------------------------------------------
+
+def _warn_unreached(params, reached):
+    missed = [i for i in range(len(params)) if i not in reached]
+    if missed:
+        shapes = ", ".join(f"#{i} {tuple(params[i].shape)}" for i in missed[:5])
+        warnings.warn(f"{len(missed)} trainable tensor(s) never entered a module forward during "
+                      f"the loss ({shapes}); they are either unused by the loss or read outside "
+                      "their module, where a functional perturbation cannot reach them")
+
+
+@torch.no_grad()
+def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float) -> Estimate:
+    """Two-sided RGE (§3, eq. (1)) with q = len(seeds) queries, 2q forward passes.
+
+    `loss_fn()` returns the scalar loss of the current model; it is called inside `perturbed`, so
+    it sees θ ± μu_j without θ ever being written.
+    """
+    q = len(seeds)
+    losses, coeffs = [], []
+    for seed in seeds:
+        with perturbed(params, seed, +mu) as reached:
+            f_plus = float(loss_fn())                                 # f(θ + μu_j)
+        with perturbed(params, seed, -mu):
+            f_minus = float(loss_fn())                                # f(θ − μu_j)
+        losses.append((f_plus + f_minus) / 2)
+        coeffs.append((f_plus - f_minus) / (2 * mu * q))              # eq. (1), one term
+    _warn_unreached(params, reached)
+    return Estimate(sum(losses) / q, list(seeds), coeffs, forward_passes=2 * q)
+
+
+def gradients(est: Estimate, params: list[torch.Tensor]):
+    """Yield (p, ĝ_p) one tensor at a time, redrawing u_j from the seeds: ĝ_p = Σ_j c_j u_j[p].
+
+    Only one tensor-sized buffer is alive at a time; nothing parameter-sized is stored.
+    """
+    for i, p in enumerate(params):
+        g = direction(p, est.seeds[0], i).mul_(est.coeffs[0])
+        for seed, c in zip(est.seeds[1:], est.coeffs[1:]):
+            g.add_(direction(p, seed, i), alpha=c)
+        yield p, g
