@@ -1,0 +1,121 @@
+"""train.py end to end: the output contract of DESIGN §7 and one-line errors on bad input.
+
+Runs the CLI on a tiny random OPT saved with the real OPT tokenizer and the real SST-2 files from
+../shared (skipped when absent).  python -m pytest tests/test_train.py -q
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import train
+from tiny import DATA, needs_shared, save_tiny
+
+pytestmark = needs_shared
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_KEYS = {"step", "loss", "lr", "projected_grad", "time_s", "forward_passes"}
+RESULT_KEYS = {"dev_accuracy", "test_accuracy", "peak_memory_gb", "step_time_s",
+               "forward_passes", "trainable_params", "steps", "num_train", "num_dev", "num_test"}
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tmp_path_factory):
+    return save_tiny("opt", str(tmp_path_factory.mktemp("tiny-opt")))
+
+
+def small_run(model, out, *extra):
+    """CLI arguments of a short SST-2 run on the real files."""
+    return ["--model", model, "--task", "sst2", "--data_dir", os.path.join(DATA, "sst2"),
+            "--num_train", "64", "--num_dev", "16", "--num_eval", "16", "--batch_size", "4",
+            "--eval_every", "25", "--device", "cpu", "--output_dir", str(out), *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("opt,passes", [("zo_sgd", 2), ("fo_sgd", 1)])
+def test_cli_writes_the_three_files(opt_dir, tmp_path, opt, passes):
+    """50 steps write config.json, a 50-line log.jsonl and every result.json key."""
+    out = tmp_path / "out"
+    train.cli(small_run(opt_dir, out, "--opt", opt, "--steps", "50", "--lr", "1e-4"))
+    log = read_log(out)
+    assert len(log) == 50 and all(LOG_KEYS <= set(line) for line in log)
+    assert [line["step"] for line in log] == list(range(1, 51))
+    assert all(line["forward_passes"] == passes for line in log)
+    with open(out / "result.json") as f:
+        result = json.load(f)
+    assert RESULT_KEYS <= set(result)
+    assert result["steps"] == 50 and result["forward_passes"] == 50 * passes
+    assert (result["num_train"], result["num_dev"], result["num_test"]) == (64, 16, 16)
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["peak_memory_gb"] > 0
+    with open(out / "config.json") as f:
+        assert json.load(f)["opt"] == opt
+
+
+def test_save_writes_a_loadable_model(opt_dir, tmp_path):
+    """--save stores the tuned full model, and it loads back with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "out"
+    train.cli(small_run(opt_dir, out, "--steps", "2", "--save", "--lr", "1e-2"))
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_unknown_opt_is_one_line_without_traceback(opt_dir, tmp_path):
+    """An unknown --opt prints the valid choices on one line and exits 2, writing nothing."""
+    proc = run_cli(*small_run(opt_dir, tmp_path / "out", "--opt", "zo_magic"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "zo_magic" in proc.stderr and "zo_sgd" in proc.stderr and "fo_sgd" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def expect_error(capsys, args, *needles):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_unknown_task_lists_the_tasks(opt_dir, tmp_path, capsys):
+    """An unknown --task names the valid tasks."""
+    args = small_run(opt_dir, tmp_path / "out")
+    args[args.index("sst2")] = "imdb"
+    expect_error(capsys, args, "imdb", "sst2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_dir_without_the_files(opt_dir, tmp_path, capsys):
+    """A --data_dir missing train.tsv/dev.tsv says which file is missing."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = small_run(opt_dir, tmp_path / "out")
+    args[args.index("--data_dir") + 1] = str(empty)
+    expect_error(capsys, args, str(empty), "train.tsv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_tsv_line_names_file_and_line(opt_dir, tmp_path, capsys):
+    """A TSV line without its label column fails with path:line."""
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(DATA, "sst2"), bad)
+    with open(bad / "train.tsv") as f:
+        lines = f.readlines()
+    lines[3] = "a sentence with no label column\n"
+    with open(bad / "train.tsv", "w") as f:
+        f.writelines(lines)
+    args = small_run(opt_dir, tmp_path / "out")
+    args[args.index("--data_dir") + 1] = str(bad)
+    expect_error(capsys, args, f"{bad / 'train.tsv'}:4")
+    assert not (tmp_path / "out").exists()
