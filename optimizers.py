@@ -91,7 +91,7 @@ class BackProp:
             loss = closure()
             loss.backward()
         super().step()
-        return float(loss)
+        return float(loss.detach())
 
 
 class FOSGD(BackProp, torch.optim.SGD):

@@ -120,15 +120,21 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
-def load_model(cfg: Config, device):
-    """Model and tokenizer from a hub id or a local directory, frozen, in eval mode."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
-                              AutoTokenizer)
+def model_kind(cfg: Config) -> bool:
+    """Read the model's config only (no weights): True for a masked LM such as RoBERTa."""
+    from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(cfg.model)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"--model {cfg.model}: cannot load ({str(e).splitlines()[0]})")
-    mlm = config.model_type in MLM_TYPES
+    return config.model_type in MLM_TYPES
+
+
+def load_model(cfg: Config, device, mlm: bool):
+    """Model and tokenizer from a hub id or a local directory, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()               # one progress bar on screen: the training one
     auto = AutoModelForMaskedLM if mlm else AutoModelForCausalLM
     kw = {"attn_implementation": "eager"} if cfg.opt == "forward_grad" else {}
     model = auto.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **kw).to(device).eval()
@@ -136,7 +142,7 @@ def load_model(cfg: Config, device):
     if tokenizer.pad_token_id is None:          # LLaMA/Mistral ship without a pad token
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.requires_grad_(False)
-    return model, tokenizer, mlm
+    return model, tokenizer
 
 
 def max_length(cfg: Config, model) -> int:
@@ -223,11 +229,11 @@ def setup(cfg: Config):
     """Everything that can fail on bad input, before anything is written."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        task = tasks.get(cfg.task)
-        model, tokenizer, mlm = load_model(cfg, device)
+        task, mlm = tasks.get(cfg.task), model_kind(cfg)
         splits = tasks.load(task, cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
                             num_eval=cfg.num_eval, seed=cfg.data_seed, align=not cfg.no_align,
                             mlm=mlm)
+        model, tokenizer = load_model(cfg, device, mlm)
         targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
         params = peft.apply(model, cfg.peft, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_targets=targets, num_prefix=cfg.num_prefix,
