@@ -27,7 +27,11 @@ def text(ex, c):
 
 def render(name, row, align, mlm=False):
     task = tasks.get(name)
-    return [task.template(r, align, mlm) for r in task.parse(row)]
+    exs = [task.template(r, align, mlm) for r in task.parse(row)]
+    for ex in exs:  # shown by `pytest -s`
+        print(f"--- {name} align={align} mlm={mlm} label={ex.label}",
+              *[repr(text(ex, c)) for c in ex.candidates], sep="\n")
+    return exs
 
 
 # ---- 1. exact templates on hand-written rows (in the data files' format)
@@ -45,6 +49,8 @@ def test_sst2_template():
     (ex,) = render("sst2", row, align=True, mlm=True)
     assert ex.prompt == "a gorgeous , witty , seductive movie . It was<mask>."
     assert text(ex, ex.candidates[0]) == "a gorgeous , witty , seductive movie . It was terrible."
+    (ex,) = render("sst2", row, align=False, mlm=True)
+    assert text(ex, ex.candidates[1]) == "a gorgeous , witty , seductive movie . great"
 
 
 def test_rte_template():
@@ -59,6 +65,8 @@ def test_rte_template():
     assert text(ex, ex.candidates[1]) == 'Dana Reeve died at 44.\n"Dana Reeve is dead."\nNo'
     (ex,) = render("rte", row, align=True, mlm=True)
     assert text(ex, ex.candidates[0]) == "Dana Reeve died at 44? Yes, Dana Reeve is dead."
+    (ex,) = render("rte", row, align=False, mlm=True)
+    assert text(ex, ex.candidates[1]) == 'Dana Reeve died at 44.\n"Dana Reeve is dead." No'
 
 
 def test_copa_template():
@@ -177,7 +185,8 @@ def test_unknown_task_lists_the_five():
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_missing_files_are_named(name, tmp_path):
     """A data_dir without the task's files names the files it expected."""
-    with pytest.raises(DataError, match=" and ".join(tasks.get(name).files[:1])):
+    first, second = tasks.get(name).files
+    with pytest.raises(DataError, match=f"expected .*{first} and .*{second}"):
         tasks.load(name, str(tmp_path))
 
 
