@@ -23,7 +23,7 @@ data_dir with the original GLUE TSV / SuperGLUE / WinoGrande JSONL files. Sampli
 exact duplicates of the train split are dropped, one seeded permutation of it gives the first
 num_train+num_dev examples, of which dev = the last num_dev (COPA: 300/100); test = the first
 num_eval of a seeded permutation of the validation split.
-References: Zhang et al. 2024 (arXiv:2402.11592) §3, Tab. 1, §4.1; MeZO (arXiv:2305.17333) App. E;
+References: Zhang et al. 2024 (arXiv:2402.11592) §3, Tab. 1, §4.1; MeZO (arXiv:2305.17333);
 LM-BFF (arXiv:2012.15723); SuperGLUE (arXiv:1905.00537) for F1a/EM.
 Not here: the optimizers (optimizers.py), adapters (peft.py), the loop and CLI (train.py).
 """
@@ -76,7 +76,7 @@ def _label(value, choices):
 
 # ---- SST2 (GLUE): "<sentence> It was terrible|great"
 
-def _parse_sst2(row):
+def _parse_sst2(row):  # TSV: sentence, label "0"/"1"; hub: sentence, label 0/1, idx
     return [dict(sentence=row["sentence"].strip(),
                  label=_label(row["label"], {"0": 0, "1": 1, 0: 0, 1: 1}))]
 
@@ -90,47 +90,112 @@ def _template_sst2(r, align, mlm):
     return Example(prompt, [" terrible", " great"], r["label"])
 
 
+# ---- RTE (SuperGLUE): MeZO's question form; Tab. 1 `<premise>?<mask>, <hypothesis>` for RoBERTa
+
+def _parse_rte(row):
+    # JSONL: premise, hypothesis, label "entailment"/"not_entailment", idx; hub: label 0/1
+    choices = {"entailment": 0, "not_entailment": 1, 0: 0, 1: 1}
+    return [dict(premise=row["premise"], hypothesis=row["hypothesis"],
+                 label=_label(row["label"], choices))]
+
+
+def _template_rte(r, align, mlm):
+    p, h = r["premise"], r["hypothesis"]
+    if mlm and align:
+        prompt = f"{p.rstrip('.?!')}?{MASK}, {h}"
+    elif align:
+        prompt = f'{p}\nDoes this mean that "{h}" is true? Yes or No?\n'
+    else:
+        prompt = f'{p}\n"{h}"' + (MASK if mlm else "\n")
+    return Example(prompt, [" Yes", " No"] if mlm else ["Yes", "No"], r["label"])
+
+
+# ---- COPA (SuperGLUE): "<premise> because|so <choice>"; no_align drops the conjunction
+
+def _parse_copa(row):  # JSONL and hub: premise, choice1, choice2, question, label 0/1, idx
+    _label(row["question"], {"cause": 0, "effect": 1})
+    return [dict(premise=row["premise"], question=row["question"], choice1=row["choice1"],
+                 choice2=row["choice2"], label=_label(row["label"], {0: 0, 1: 1}))]
+
+
+def _template_copa(r, align, mlm):
+    conj = {"cause": " because", "effect": " so"}[r["question"]] if align else ""
+    # the choice continues the sentence: lower-case its first letter unless it starts with "I"
+    cands = [" " + (c if re.match(r"I\b", c) else c[:1].lower() + c[1:])
+             for c in (r["choice1"], r["choice2"])]
+    return Example(r["premise"].strip().removesuffix(".") + conj, cands, r["label"])
+
+
+# ---- WinoGrande: the context before "_" is the prompt; option + the rest is scored
+
+def _parse_winogrande(row):  # JSONL and hub: sentence (one "_"), option1, option2, answer "1"/"2"
+    if row["sentence"].count("_") != 1:
+        raise ValueError("the sentence needs exactly one blank '_'")
+    return [dict(sentence=row["sentence"], option1=row["option1"], option2=row["option2"],
+                 label=_label(row["answer"], {"1": 0, "2": 1}))]
+
+
+def _template_winogrande(r, align, mlm):
+    s, options = r["sentence"], (r["option1"], r["option2"])
+    if not align:  # bare sentence with its blank, then the option as a verbalizer
+        return Example(s, [" " + o for o in options], r["label"])
+    before, after = s.split("_")
+    before = before.rstrip()  # the option carries the space, as BPE tokens do
+    return Example(before, [(" " if before else "") + o + after for o in options], r["label"])
+
+
+# ---- MultiRC (SuperGLUE): one Example per answer option, grouped by question
+
+def _parse_multirc(row):
+    def option(paragraph, question, answer, label, group):
+        return dict(paragraph=paragraph, question=question, answer=answer,
+                    label=_label(label, {0: 0, 1: 1}), group=int(group))
+
+    if "passage" in row:  # original JSONL: a passage with nested questions and answers
+        p = row["passage"]
+        return [option(p["text"], q["question"], a["text"], a["label"], q["idx"])
+                for q in p["questions"] for a in q["answers"]]
+    # hub: one row per answer option: paragraph, question, answer, idx.{question,...}, label
+    return [option(row["paragraph"], row["question"], row["answer"], row["label"],
+                   row["idx"]["question"])]
+
+
+def _template_multirc(r, align, mlm):
+    p, q, a = r["paragraph"], r["question"], r["answer"]
+    prompt = (f'{p}\nQuestion: {q}\nI found this answer "{a}". Is that correct? Yes or No?\n'
+              if align else f"{p}\n{q}\n{a}\n")
+    return Example(prompt, ["No", "Yes"], r["label"], r["group"])
+
+
 # ---- readers: original files (path:line errors) and the hub
 
-def _why(e):
-    if isinstance(e, json.JSONDecodeError):
-        return f"bad JSON ({e.msg})"
-    if isinstance(e, KeyError):
-        return f"missing key {e.args[0]!r}"
-    return str(e)
-
-
-def _rows(path):
-    """Yield (line number, row dict) of a GLUE TSV (with header) or a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t") if path.endswith(".tsv") else None
-        for n, line in enumerate(f, 2 if header else 1):
-            if not line.strip():
-                continue
-            try:
-                if header:
-                    cols = line.rstrip("\n").split("\t")
-                    if len(cols) != len(header):
-                        raise ValueError(f"expected {len(header)} tab-separated columns "
-                                         f"({', '.join(header)}), got {len(cols)}")
-                    row = dict(zip(header, cols))
-                else:
-                    row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("expected a JSON object")
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: {_why(e)}") from None
-            yield n, row
-
-
-def _parse_all(task, rows, where):
-    records = []
-    for n, row in rows:
+def _records(task, items, where, decode):
+    """Parse numbered raw rows into records; any problem -> DataError "where:n: what is wrong"."""
+    out = []
+    for n, raw in items:
         try:
-            records += task.parse(row)
+            row = decode(raw)
+            if not isinstance(row, dict):
+                raise ValueError("expected a JSON object")
+            out += task.parse(row)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise DataError(f"{where}:{n}: {_why(e)}") from None
-    return records
+            why = (f"bad JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
+                   f"missing key {e}" if isinstance(e, KeyError) else str(e))
+            raise DataError(f"{where}:{n}: {why}") from None
+    return out
+
+
+def _tsv(header):
+    """Decoder of one GLUE TSV line into a dict keyed by the header's column names."""
+    names = header.rstrip("\n").split("\t")
+
+    def decode(line):
+        cols = line.rstrip("\n").split("\t")
+        if len(cols) != len(names):
+            raise ValueError(f"expected {len(names)} tab-separated columns "
+                             f"({', '.join(names)}), got {len(cols)}")
+        return dict(zip(names, cols))
+    return decode
 
 
 def _read_files(task, data_dir):
@@ -140,7 +205,13 @@ def _read_files(task, data_dir):
     if not all(os.path.isfile(p) for p in paths):
         raise DataError(f"{task.name} data not found: expected {' and '.join(paths)} "
                         f"(the original {'/'.join(task.files)} files)")
-    return [_parse_all(task, _rows(p), p) for p in paths]
+    splits = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        decode = _tsv(lines.pop(0)[1] if lines else "") if path.endswith(".tsv") else json.loads
+        splits.append(_records(task, lines, path, decode))
+    return splits
 
 
 def _read_hub(task):
@@ -154,7 +225,7 @@ def _read_hub(task):
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot load {repo} {config} from the hub ({why}); "
                         f"use --data_dir with the original files") from None
-    return [_parse_all(task, enumerate(ds[s]), f"{repo} {config} {s} row") for s in files]
+    return [_records(task, enumerate(ds[s]), f"{repo} {config} {s} row", dict) for s in files]
 
 
 # ---- sampling (MeZO: train ∥ dev from one permutation of the train split)
@@ -213,7 +284,7 @@ def _encode(tokenizer, ex, max_length, mlm, gold_only):
 
 
 def _collate(tokenizer, encoded, labels):
-    """Right-padded batch; seg[k] = which (example, candidate) score the k-th scored token adds to."""
+    """Right-padded batch; seg[k] = the (example, candidate) score that scored token k adds to."""
     seqs, rows, cols, targets, seg = [], [], [], [], []
     C = len(encoded[0][1])
     for i, (ex_seqs, scored) in enumerate(encoded):
@@ -255,10 +326,6 @@ def _scores(model, batch):
 
 def _task(task):
     return task if isinstance(task, Task) else get(task)
-
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 # ---- public entry points
@@ -322,18 +389,19 @@ def loss(model, batch) -> torch.Tensor:
 def evaluate(model, tokenizer, task, examples, *, batch_size=8, max_length=512,
              mlm=False) -> dict[str, float]:
     """Accuracy of argmax_c s(c); with question groups (MultiRC) also F1a and exact match."""
-    preds = []
+    preds, device = [], next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         encoded = [_encode(tokenizer, e, max_length, mlm, False) for e in chunk]
-        batch = to(_collate(tokenizer, encoded, [e.label for e in chunk]), _device(model))
+        batch = to(_collate(tokenizer, encoded, [e.label for e in chunk]), device)
         preds += _scores(model, batch).argmax(-1).tolist()
     right = [p == e.label for p, e in zip(preds, examples)]
-    out = {"accuracy": sum(right) / max(len(right), 1)}
+    out = {"accuracy": sum(right) / len(right) if right else float("nan")}
     if any(e.group >= 0 for e in examples):
         # F1a: F1 of the positive class (candidate 1 = "Yes") over all answer options
         tp = sum(p == 1 and e.label == 1 for p, e in zip(preds, examples))
-        out["f1a"] = 2 * tp / max(sum(p == 1 for p in preds) + sum(e.label == 1 for e in examples), 1)
+        positives = sum(p == 1 for p in preds) + sum(e.label == 1 for e in examples)
+        out["f1a"] = 2 * tp / max(positives, 1)
         groups = {}
         for ok, e in zip(right, examples):
             groups[e.group] = groups.get(e.group, True) and ok
@@ -344,4 +412,13 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=8, max_length=512,
 TASKS = {
     "sst2": Task("sst2", "cls", ("train.tsv", "dev.tsv"), ("nyu-mll/glue", "sst2"),
                  _parse_sst2, _template_sst2, mlm_ok=True),
+    "rte": Task("rte", "cls", ("train.jsonl", "val.jsonl"), ("aps/super_glue", "rte"),
+                _parse_rte, _template_rte, mlm_ok=True),
+    "copa": Task("copa", "lm", ("train.jsonl", "val.jsonl"), ("aps/super_glue", "copa"),
+                 _parse_copa, _template_copa, num_dev=100),
+    "winogrande": Task("winogrande", "lm", ("train_m.jsonl", "dev.jsonl"),
+                       ("allenai/winogrande", "winogrande_m"), _parse_winogrande,
+                       _template_winogrande, num_dev=100),
+    "multirc": Task("multirc", "cls", ("train.jsonl", "val.jsonl"), ("aps/super_glue", "multirc"),
+                    _parse_multirc, _template_multirc),
 }

@@ -3,8 +3,9 @@ loss / evaluation against a slow full-logits oracle on tiny models.
 
 Run: python -m pytest tests/test_tasks.py -q
 """
+import functools
+import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from tasks import MASK, DataError
 from tiny import DATA, needs_shared, real_tokenizer, tiny_model
 
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent")
+# built once per session: no test changes a model or a tokenizer
+real_tokenizer, tiny_model = functools.cache(real_tokenizer), functools.cache(tiny_model)
 
 
 def text(ex, c):
@@ -24,7 +27,11 @@ def text(ex, c):
 
 def render(name, row, align, mlm=False):
     task = tasks.get(name)
-    return [task.template(r, align, mlm) for r in task.parse(row)]
+    exs = [task.template(r, align, mlm) for r in task.parse(row)]
+    for ex in exs:  # shown by `pytest -s`
+        print(f"--- {name} align={align} mlm={mlm} label={ex.label}",
+              *[repr(text(ex, c)) for c in ex.candidates], sep="\n")
+    return exs
 
 
 # ---- 1. exact templates on hand-written rows (in the data files' format)
@@ -42,6 +49,75 @@ def test_sst2_template():
     (ex,) = render("sst2", row, align=True, mlm=True)
     assert ex.prompt == "a gorgeous , witty , seductive movie . It was<mask>."
     assert text(ex, ex.candidates[0]) == "a gorgeous , witty , seductive movie . It was terrible."
+    (ex,) = render("sst2", row, align=False, mlm=True)
+    assert text(ex, ex.candidates[1]) == "a gorgeous , witty , seductive movie . great"
+
+
+def test_rte_template():
+    """RTE: MeZO's question form; no_align = premise, quoted hypothesis, verbalizer; Tab. 1 MLM."""
+    row = {"premise": "Dana Reeve died at 44.", "hypothesis": "Dana Reeve is dead.",
+           "label": "entailment", "idx": 0}
+    (ex,) = render("rte", row, align=True)
+    assert text(ex, ex.candidates[0]) == ('Dana Reeve died at 44.\nDoes this mean that '
+                                          '"Dana Reeve is dead." is true? Yes or No?\nYes')
+    assert ex.candidates == ["Yes", "No"] and ex.label == 0
+    (ex,) = render("rte", row, align=False)
+    assert text(ex, ex.candidates[1]) == 'Dana Reeve died at 44.\n"Dana Reeve is dead."\nNo'
+    (ex,) = render("rte", row, align=True, mlm=True)
+    assert text(ex, ex.candidates[0]) == "Dana Reeve died at 44? Yes, Dana Reeve is dead."
+    (ex,) = render("rte", row, align=False, mlm=True)
+    assert text(ex, ex.candidates[1]) == 'Dana Reeve died at 44.\n"Dana Reeve is dead." No'
+
+
+def test_copa_template():
+    """COPA: premise + because/so + choice (first letter lower-cased, except "I")."""
+    row = {"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
+           "choice2": "I cut the grass.", "question": "cause", "label": 0, "idx": 0}
+    (ex,) = render("copa", row, align=True)
+    assert [text(ex, c) for c in ex.candidates] == [
+        "My body cast a shadow over the grass because the sun was rising.",
+        "My body cast a shadow over the grass because I cut the grass."]
+    (ex,) = render("copa", dict(row, question="effect"), align=True)
+    assert text(ex, ex.candidates[0]) == \
+        "My body cast a shadow over the grass so the sun was rising."
+    (ex,) = render("copa", row, align=False)
+    assert text(ex, ex.candidates[0]) == "My body cast a shadow over the grass the sun was rising."
+    assert ex.prompt == "My body cast a shadow over the grass"
+
+
+def test_winogrande_template():
+    """WinoGrande: prompt = context before "_"; candidate = option + the rest, all scored."""
+    row = {"qID": "x-1", "option1": "Sarah", "option2": "Maria", "answer": "2",
+           "sentence": "Sarah was a better surgeon than Maria so _ got the easy cases."}
+    (ex,) = render("winogrande", row, align=True)
+    assert ex.prompt == "Sarah was a better surgeon than Maria so"
+    assert ex.candidates == [" Sarah got the easy cases.", " Maria got the easy cases."]
+    assert ex.label == 1
+    (ex,) = render("winogrande", row, align=False)
+    assert text(ex, ex.candidates[0]) == \
+        "Sarah was a better surgeon than Maria so _ got the easy cases. Sarah"
+
+
+def test_multirc_template():
+    """MultiRC: one Yes/No example per answer option, grouped by its question."""
+    row = {"idx": 0, "version": 1.1, "passage": {"text": "Tom ate an apple.", "questions": [
+        {"question": "What did Tom eat?", "idx": 7, "answers": [
+            {"text": "An apple", "idx": 0, "label": 1},
+            {"text": "A pear", "idx": 1, "label": 0}]}]}}
+    exs = render("multirc", row, align=True)
+    assert text(exs[0], exs[0].candidates[1]) == (
+        'Tom ate an apple.\nQuestion: What did Tom eat?\nI found this answer "An apple". '
+        'Is that correct? Yes or No?\nYes')
+    assert [(e.label, e.group) for e in exs] == [(1, 7), (0, 7)]
+    assert exs[0].candidates == ["No", "Yes"]
+    exs = render("multirc", row, align=False)
+    assert text(exs[1], "No") == "Tom ate an apple.\nWhat did Tom eat?\nA pear\nNo"
+
+
+def test_mlm_only_for_single_token_tasks():
+    """A masked LM supports SST2 and RTE; other tasks fail with one clear message."""
+    with pytest.raises(DataError, match="masked LM supports: sst2, rte"):
+        tasks.load("copa", "/nonexistent", mlm=True)
 
 
 # ---- 2. real files: sizes, disjoint splits, label balance
@@ -57,7 +133,7 @@ def key(ex):
 @needs_data
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_real_data_sampling(name):
-    """Default sizes as in the anchors; no example in two splits; labels balanced like the source."""
+    """Anchors' default sizes; no example in two splits; labels balanced like the source."""
     train, dev, test = tasks.load(name, DATA)
     assert (len(train), len(dev), len(test)) == SIZES[name]
     assert not {key(e) for e in train} & {key(e) for e in dev}
@@ -75,6 +151,12 @@ def test_real_data_sampling(name):
 
 BAD = {  # task -> (file to corrupt, 1-based line to replace, bad line, expected message part)
     "sst2": ("train.tsv", 5, "a sentence\t1\textra\n", "expected 2 tab-separated columns"),
+    "rte": ("val.jsonl", 3, '{"premise": "A", "hypothesis": "B", "label": "maybe"}\n', "bad label"),
+    "copa": ("train.jsonl", 7, '{"premise": "A", "choice1": "B"\n', "bad JSON"),
+    "winogrande": ("train_m.jsonl", 2, '{"sentence": "A _ b", "option1": "A", "answer": "1"}\n',
+                   "missing key 'option2'"),
+    "multirc": ("train.jsonl", 4, '{"passage": {"text": "T", "questions": [{"question": "Q", '
+                '"idx": 0, "answers": [{"text": "A", "idx": 0, "label": 2}]}]}}\n', "bad label"),
 }
 
 
@@ -103,7 +185,8 @@ def test_unknown_task_lists_the_five():
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_missing_files_are_named(name, tmp_path):
     """A data_dir without the task's files names the files it expected."""
-    with pytest.raises(DataError, match=" and ".join(tasks.get(name).files[:1])):
+    first, second = tasks.get(name).files
+    with pytest.raises(DataError, match=f"expected .*{first} and .*{second}"):
         tasks.load(name, str(tmp_path))
 
 
@@ -111,15 +194,40 @@ def test_missing_files_are_named(name, tmp_path):
 
 def rows(name, n):
     """n synthetic rows of `name` as (hub schema rows, original-file lines)."""
-    hub, lines = [], []
+    hub, local = [], []
     for i in range(n):
-        y = i % 2
+        y, words = i % 2, " ".join(["word"] * (i % 4))  # varying lengths exercise the padding
         if name == "sst2":
-            hub.append({"sentence": f"film number {i} ", "label": y, "idx": i})
-            lines.append(f"film number {i} \t{y}")
+            hub.append({"sentence": f"film {words} number {i} ", "label": y, "idx": i})
+        elif name == "rte":
+            hub.append({"premise": f"A man {words} ate {i} apples.", "hypothesis": "He ate.",
+                        "idx": i, "label": y})
+            local.append(dict(hub[-1], label=["entailment", "not_entailment"][y]))
+        elif name == "copa":
+            hub.append({"premise": f"The {words} glass {i} fell.", "choice1": "It broke.",
+                        "choice2": "I laughed at it.", "question": ["cause", "effect"][y],
+                        "idx": i, "label": y})
+        elif name == "winogrande":
+            hub.append({"sentence": f"Ann {words} hit Bo {i} times so _ cried.", "option1": "Ann",
+                        "option2": "Bo", "answer": "12"[y]})
+        elif name == "multirc":  # 3 options per question, 2 questions per passage
+            p, q = i // 6, i // 3
+            hub.append({"paragraph": f"Passage {p}" + " word" * p, "question": f"Question {q}?",
+                        "answer": f"answer {i} {words}", "label": y,
+                        "idx": {"paragraph": p, "question": q, "answer": i}})
     if name == "sst2":
-        lines.insert(0, "sentence\tlabel")
-    return hub, lines
+        return hub, ["sentence\tlabel"] + [f"{r['sentence']}\t{r['label']}" for r in hub]
+    if name == "multirc":  # the original nesting: passage -> questions -> answers
+        passages = {}
+        for r in hub:
+            idx = r["idx"]
+            p = passages.setdefault(idx["paragraph"], {"text": r["paragraph"], "questions": {}})
+            q = p["questions"].setdefault(idx["question"], {"question": r["question"],
+                                                            "idx": idx["question"], "answers": []})
+            q["answers"].append({"text": r["answer"], "idx": idx["answer"], "label": r["label"]})
+        local = [{"idx": k, "passage": {"text": p["text"], "questions": [*p["questions"].values()]}}
+                 for k, p in passages.items()]
+    return hub, [json.dumps(r) for r in (local or hub)]
 
 
 def write_both(name, tmp_path, n_train=12, n_valid=6):
@@ -127,7 +235,7 @@ def write_both(name, tmp_path, n_train=12, n_valid=6):
 
     task = tasks.get(name)
     repo, config = task.hub
-    for split, fname, n in (("train", task.files[0], n_train), ("validation", task.files[1], n_valid)):
+    for split, fname, n in zip(("train", "validation"), task.files, (n_train, n_valid)):
         hub, lines = rows(name, n)
         folder = tmp_path / "hub" / repo / config / split
         folder.mkdir(parents=True)
@@ -138,13 +246,20 @@ def write_both(name, tmp_path, n_train=12, n_valid=6):
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_hub_columns_give_the_same_examples(name, tmp_path, monkeypatch):
-    """The hub schema (parquet read by the real `datasets` loader) gives the file path's Examples."""
+    """Hub-schema parquet, read by the real `datasets` loader, gives the file path's Examples."""
     write_both(name, tmp_path)
     monkeypatch.setattr(tasks, "HUB", str(tmp_path / "hub" / "{repo}"))
     kw = dict(num_train=6, num_dev=3, num_eval=4, seed=3)
     hub = tasks.load(name, None, **kw)
     assert [len(s) for s in hub] == [6, 3, 4]
     assert hub == tasks.load(name, str(tmp_path / "files"), **kw)
+
+
+def test_hub_failure_is_one_clear_line(tmp_path, monkeypatch):
+    """When the hub cannot be read, load() says so and points to --data_dir."""
+    monkeypatch.setattr(tasks, "HUB", str(tmp_path / "nowhere" / "{repo}"))
+    with pytest.raises(DataError, match="cannot load nyu-mll/glue sst2 .*--data_dir"):
+        tasks.load("sst2")
 
 
 # ---- 5. loss and evaluation against the slow way: full logits, log_softmax over everything
@@ -162,7 +277,8 @@ def slow_scores(model, tok, ex):
         if MASK in ex.prompt:
             ids = tok(ex.prompt.replace(MASK, tok.mask_token)).input_ids
             logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-            out.append(logp[ids.index(tok.mask_token_id), tok(c, add_special_tokens=False).input_ids[0]])
+            (target,) = tok(c, add_special_tokens=False).input_ids
+            out.append(logp[ids.index(tok.mask_token_id), target])
             continue
         ids = tok(ex.prompt + c).input_ids
         n = len(ids) - len(tok(ex.prompt).input_ids)
@@ -186,7 +302,8 @@ CASES = [(n, f) for n in tasks.TASKS for f in ("opt", "llama")] + \
 @pytest.mark.parametrize("name,family", CASES)
 def test_loss_matches_full_logits_oracle(name, family):
     """loss() (LM head on scored positions only) equals CE / NLL from full logits."""
-    task, tok, model, mlm = tasks.get(name), real_tokenizer(family), tiny_model(family), family == "roberta"
+    task, tok, model = tasks.get(name), real_tokenizer(family), tiny_model(family)
+    mlm = family == "roberta"
     exs = examples(name, 5, mlm)
     batch = next(tasks.batches(tok, task, exs, batch_size=len(exs), mlm=mlm))
     with torch.no_grad():
@@ -216,6 +333,10 @@ def test_evaluate_matches_one_at_a_time_oracle(name, family):
     with torch.no_grad():
         preds = [int(torch.stack([s.mean() for s in slow_scores(model, tok, e)]).argmax())
                  for e in exs]
+        encoded = [tasks._encode(tok, e, 512, mlm, False) for e in exs]
+        scores = tasks._scores(model, tasks._collate(tok, encoded, [e.label for e in exs]))
+        slow = [[s.mean() for s in slow_scores(model, tok, e)] for e in exs]
+    torch.testing.assert_close(scores, torch.tensor(slow))
     right = [p == e.label for p, e in zip(preds, exs)]
     metrics = tasks.evaluate(model, tok, name, exs, batch_size=3, mlm=mlm)
     assert metrics["accuracy"] == pytest.approx(sum(right) / len(exs))
@@ -223,4 +344,32 @@ def test_evaluate_matches_one_at_a_time_oracle(name, family):
         tp = sum(p == 1 == e.label for p, e in zip(preds, exs))
         f1 = 2 * tp / (sum(p == 1 for p in preds) + sum(e.label == 1 for e in exs))
         em = [all(r for r, e in zip(right, exs) if e.group == g) for g in {e.group for e in exs}]
-        assert metrics["f1a"] == pytest.approx(f1) and metrics["em"] == pytest.approx(sum(em) / len(em))
+        assert metrics["f1a"] == pytest.approx(f1)
+        assert metrics["em"] == pytest.approx(sum(em) / len(em))
+
+
+@needs_shared
+def test_batches_reshuffle_without_the_global_rng():
+    """Endless epochs, each a new order of all examples; the global RNGs are never touched."""
+    tok, exs = real_tokenizer("opt"), examples("sst2", 6)
+    state = torch.random.get_rng_state()
+    it = tasks.batches(tok, "sst2", exs, batch_size=4, seed=1)
+    epochs = [[next(it) for _ in range(2)] for _ in range(3)]
+    assert torch.equal(state, torch.random.get_rng_state())
+    orders = [[tuple(ids[m.bool()].tolist()) for b in e  # first candidate of each example
+               for ids, m in zip(b["input_ids"][::2], b["attention_mask"][::2])] for e in epochs]
+    assert all(sorted(o) == sorted(orders[0]) for o in orders) and orders[0] != orders[1]
+    first = next(tasks.batches(tok, "sst2", exs, batch_size=4, seed=1))
+    assert torch.equal(first["input_ids"], epochs[0][0]["input_ids"])
+
+
+@needs_shared
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_left_truncation_keeps_bos_and_the_option(family):
+    """Too-long inputs lose their oldest tokens but keep BOS, and the option is still scored."""
+    tok, ex = real_tokenizer(family), examples("copa", 1)[0]
+    batch = next(tasks.batches(tok, "copa", [ex], batch_size=1, max_length=6))
+    full = tok(ex.prompt + ex.candidates[ex.label]).input_ids
+    n_opt = len(full) - len(tok(ex.prompt).input_ids)
+    assert batch["input_ids"][0].tolist() == full[:1] + full[-5:]
+    assert batch["targets"].tolist() == full[-min(n_opt, 5):]
