@@ -67,7 +67,7 @@ def test_rge_agrees_with_autograd():
     cosine = torch.nn.functional.cosine_similarity(g_hat, g_true, dim=0)
     assert cosine > 0.9, f"cosine {cosine:.3f}"
     assert est.forward_passes == 8000
-    assert est.loss == pytest.approx(float(loss()), rel=1e-5)     # mean of f± ≈ f(θ) + O(μ²)
+    assert est.loss == pytest.approx(loss().item(), rel=1e-5)     # mean of f± ≈ f(θ) + O(μ²)
 
 
 def test_projected_gradient_is_the_directional_derivative():

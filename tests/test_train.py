@@ -119,3 +119,38 @@ def test_malformed_tsv_line_names_file_and_line(opt_dir, tmp_path, capsys):
     args[args.index("--data_dir") + 1] = str(bad)
     expect_error(capsys, args, f"{bad / 'train.tsv'}:4")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte", "copa", "winogrande", "multirc"])
+def test_every_task_trains_through_the_cli(opt_dir, tmp_path, task):
+    """30 ZO-SGD steps on each task with the real files; the logged loss is finite."""
+    out = tmp_path / "out"
+    args = small_run(opt_dir, out, "--steps", "30", "--lr", "1e-3", "--max_length", "256")
+    args[args.index("sst2")] = task
+    args[args.index("--data_dir") + 1] = DATA
+    result = train.cli(args)
+    log = read_log(out)
+    assert len(log) == 30 and all(line["loss"] == line["loss"] for line in log)   # no NaN
+    assert result["num_train"] > 0 and 0.0 <= result["test_accuracy"] <= 1.0
+    if task == "multirc":
+        assert {"f1a", "em"} <= set(result["test_metrics"])
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory):
+    return save_tiny("roberta", str(tmp_path_factory.mktemp("tiny-roberta")))
+
+
+def test_masked_lm_trains_on_sst2(roberta_dir, tmp_path):
+    """RoBERTa is loaded as a masked LM and scored at the mask token."""
+    out = tmp_path / "out"
+    result = train.cli(small_run(roberta_dir, out, "--steps", "5", "--lr", "1e-3"))
+    assert len(read_log(out)) == 5 and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_masked_lm_on_copa_is_one_clear_line(roberta_dir, tmp_path, capsys):
+    """A masked LM on a task it cannot score says which tasks it supports."""
+    args = small_run(roberta_dir, tmp_path / "out")
+    args[args.index("sst2")] = "copa"
+    args[args.index("--data_dir") + 1] = DATA
+    expect_error(capsys, args, "copa", "sst2, rte")
