@@ -41,10 +41,11 @@ METHODS = ("ft", "lora", "prefix", "prompt")
 
 
 class Family(NamedTuple):
-    stack: str                   # module (under model.base_model) every forward passes through
-    layers: str                  # its list of transformer layers
-    attention: str               # the self-attention module inside one layer
-    lora_targets: tuple          # default LoRA targets: the q and v projections
+    stack: str          # under model.base_model, the module every forward passes through
+                        # (OPTForCausalLM calls model.decoder, skipping OPTModel)
+    layers: str         # its list of transformer layers
+    attention: str      # the self-attention module inside one layer
+    lora_targets: tuple  # default LoRA targets: the q and v projections
 
 
 FAMILIES = {
@@ -101,7 +102,7 @@ class Prompt(nn.Module):
 
     def prepend(self, stack, args, kwargs):
         """Forward pre-hook of the stack: inputs_embeds ← [P; E(x)], mask ← [1…1; mask]."""
-        kwargs = _extend_mask(_as_kwargs(args, kwargs), self.num_tokens)
+        kwargs = _widen(args, kwargs, self.num_tokens)
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs["inputs_embeds"] if ids is None else stack.get_input_embeddings()(ids)
         prompt = self(embeds.dtype).expand(embeds.shape[0], -1, -1)
@@ -151,24 +152,21 @@ class PrefixCache(Cache):
 
     def inject(self, stack, args, kwargs):
         """Forward pre-hook of the stack: pass this cache and a mask widened by P ones."""
-        if kwargs.pop("past_key_values", None) is not None or kwargs.get("cache") is not None:
-            raise ValueError("peft: prefix tuning supplies the KV cache itself; pass none")
-        kwargs = _extend_mask(_as_kwargs(args, kwargs), self.layers[0].length)
-        kwargs["cache"] = self
+        kwargs = _widen(args, kwargs, self.layers[0].length)
+        kwargs["cache"] = self           # transformers 5 name; past_key_values is deprecated
         return (), kwargs
 
 
 # ---- helpers
 
-def _as_kwargs(args, kwargs):
-    """The stack's call by keyword (HF calls it so; a user may pass input_ids first)."""
+def _widen(args, kwargs, n):
+    """The stack's call as keywords with n ones prepended to the 2-D padding mask, so every real
+    token sees the n prefix/prompt slots. An incoming KV cache (generation) is refused."""
     if len(args) > 1:
         raise ValueError("peft: pass everything but input_ids by keyword")
-    return dict(kwargs, input_ids=args[0]) if args else dict(kwargs)
-
-
-def _extend_mask(kwargs, n):
-    """Prepend n ones to the 2-D padding mask: every real token sees the n prefix/prompt slots."""
+    kwargs = dict(kwargs, input_ids=args[0]) if args else dict(kwargs)
+    if kwargs.pop("past_key_values", None) is not None or kwargs.get("cache") is not None:
+        raise ValueError("peft: prefix and prompt tuning take no KV cache (no generation)")
     x = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     mask = kwargs.get("attention_mask")
     if mask is None:
@@ -185,6 +183,13 @@ def _real_token_ids(model, n, seed):
     special = {cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id}
     order = torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(seed))
     return torch.tensor([i for i in order.tolist() if i not in special][:n])
+
+
+def _settings(model):
+    """What apply() recorded on the model."""
+    if not hasattr(model, "zo_peft"):
+        raise ValueError("peft: call apply(model, method) first")
+    return model.zo_peft
 
 
 def _adapter_state(model):
@@ -263,20 +268,22 @@ def apply(model, method: str, *, lora_r: int = 8, lora_alpha: float = 16,
 def save(model, path: str) -> None:
     """Write the adapter (zo_adapter.safetensors + zo_adapter.json) into directory `path`;
     ft writes the whole model with save_pretrained instead."""
+    settings = _settings(model)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(model.zo_peft, f, indent=2)
-    if model.zo_peft["method"] == "ft":
-        return model.save_pretrained(path)
-    tensors = {k: p.detach().contiguous().cpu() for k, p in _adapter_state(model).items()}
-    save_file(tensors, os.path.join(path, WEIGHTS))
+        json.dump(settings, f, indent=2)
+    if settings["method"] == "ft":
+        model.save_pretrained(path)
+    else:
+        tensors = {k: p.detach().contiguous().cpu() for k, p in _adapter_state(model).items()}
+        save_file(tensors, os.path.join(path, WEIGHTS))
 
 
 def load(model, path: str) -> None:
     """Load an adapter written by save() into a model that had apply() with the same method."""
     with open(os.path.join(path, CONFIG)) as f:
         saved = json.load(f)
-    method = getattr(model, "zo_peft", {}).get("method")
+    method = _settings(model)["method"]
     if saved["method"] != method:
         raise ValueError(f"peft: {path} holds a {saved['method']} adapter; this model has {method}")
     if method == "ft":
@@ -292,7 +299,7 @@ def load(model, path: str) -> None:
 def export_peft(model, path: str, base_model_name_or_path: str) -> None:
     """Write the adapter in the Hugging Face peft format (adapter_config.json and
     adapter_model.safetensors): LoRA for every family, prefix and prompt for the causal ones."""
-    hp, state = model.zo_peft, _adapter_state(model)
+    hp, state = _settings(model), _adapter_state(model)
     causal = hp["model_type"] != "roberta"
     config = dict(base_model_name_or_path=base_model_name_or_path, inference_mode=True,
                   task_type="CAUSAL_LM" if causal else None)
@@ -321,5 +328,5 @@ def export_peft(model, path: str, base_model_name_or_path: str) -> None:
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
 
 
-ADAPTERS = {"ft": lambda model, family, hp: None, "lora": _add_lora, "prefix": _add_prefix,
-            "prompt": _add_prompt}
+ADAPTERS = {"ft": lambda model, family, hp: None,     # nothing to add: every weight is trained
+            "lora": _add_lora, "prefix": _add_prefix, "prompt": _add_prompt}

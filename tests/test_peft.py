@@ -36,7 +36,7 @@ def model_of(family, dtype=torch.float32):
     model = tiny_model(family)
     for p in model.parameters():
         if p.dim() >= 2:
-            p.data.mul_(10)
+            p.mul_(10)
     return model.to(dtype)
 
 
@@ -115,22 +115,20 @@ _HF = {}
 def hf_peft():
     """The Hugging Face `peft` package, which our peft.py shadows on sys.path, for the block."""
     ours = sys.modules["peft"]
-    if "module" not in _HF:
-        root = os.path.dirname(os.path.abspath(ours.__file__))
-        path = [p for p in sys.path if os.path.abspath(p or ".") != root]
-        spec = importlib.machinery.PathFinder.find_spec("peft", path)
-        if spec is None:
-            pytest.skip("the Hugging Face peft package is not installed")
-        _HF["module"] = importlib.util.module_from_spec(spec)
-        sys.modules["peft"] = _HF["module"]
-        try:
-            spec.loader.exec_module(_HF["module"])
-        except ImportError:
-            sys.modules["peft"] = ours
-            del _HF["module"]
-            pytest.skip("the Hugging Face peft package does not import")
-    sys.modules["peft"] = _HF["module"]
     try:
+        if "module" not in _HF:
+            root = os.path.dirname(os.path.abspath(ours.__file__))
+            path = [p for p in sys.path if os.path.abspath(p or ".") != root]
+            spec = importlib.machinery.PathFinder.find_spec("peft", path)
+            if spec is None:
+                pytest.skip("the Hugging Face peft package is not installed")
+            sys.modules["peft"] = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(sys.modules["peft"])
+            except ImportError as error:
+                pytest.skip(f"the Hugging Face peft package does not import: {error}")
+            _HF["module"] = sys.modules["peft"]
+        sys.modules["peft"] = _HF["module"]
         yield _HF["module"]
     finally:
         sys.modules["peft"] = ours
