@@ -309,8 +309,8 @@ def _collate(tokenizer, encoded, labels):
 
 def _token_logprobs(model, batch):
     """log p of every scored token, fp32; the LM head sees only the scored positions."""
-    h = model.base_model(input_ids=batch["input_ids"],
-                         attention_mask=batch["attention_mask"]).last_hidden_state
+    h = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state   # no KV cache: nothing generates
     logits = model.lm_head(h[batch["rows"], batch["cols"]]).float()  # [K, V]
     return logits.log_softmax(-1).gather(1, batch["targets"][:, None]).squeeze(1)  # [K]
 

@@ -146,11 +146,11 @@ def load_model(cfg: Config, device, mlm: bool):
 
 
 def max_length(cfg: Config, model) -> int:
-    """The longest input the model can take, less the virtual tokens prompt tuning adds."""
+    """The longest input the model can take, less the positions a prompt or prefix occupies."""
     limit = getattr(model.config, "max_position_embeddings", cfg.max_length)
     if model.config.model_type in MLM_TYPES:
         limit -= 2                               # RoBERTa's positions start after the pad index
-    reserved = cfg.num_virtual_tokens if cfg.peft == "prompt" else 0
+    reserved = {"prompt": cfg.num_virtual_tokens, "prefix": cfg.num_prefix}.get(cfg.peft, 0)
     return min(cfg.max_length, limit) - reserved
 
 
@@ -268,7 +268,10 @@ def save_weights(cfg, model, tokenizer):
         tokenizer.save_pretrained(path)
     else:
         peft.save(model, path)
-        peft.export_peft(model, os.path.join(cfg.output_dir, "adapter_peft"), cfg.model)
+        try:                                 # raises before writing where peft has no such method
+            peft.export_peft(model, os.path.join(cfg.output_dir, "adapter_peft"), cfg.model)
+        except ValueError as e:
+            print(f"note: {e}; only our own adapter format was written")
 
 
 def cli(argv=None):

@@ -331,3 +331,20 @@ def test_bad_input_fails_with_one_clear_line(tmp_path):
     assert os.path.exists(tmp_path / "ft" / "config.json")
     with pytest.raises(ValueError, match="from_pretrained"):
         peft.load(full, tmp_path / "ft")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("method", ADAPTERS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_lr_zo_sgd_leaves_adapter_and_base_bitwise(family, method, dtype):
+    """3 ZO-SGD steps with lr = 0: adapter and base weights keep every bit; the estimate moved."""
+    import optimizers
+    model = model_of(family, dtype)
+    params = peft.apply(model, method)
+    ids, mask = batch(model)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    opt = optimizers.build("zo_sgd", params, lr=0.0, mu=1e-2)
+    for _ in range(3):
+        opt.step(lambda: logits(model, ids, mask).float().logsumexp(-1).mean())
+    assert opt.projected_grad != 0.0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -154,3 +154,22 @@ def test_masked_lm_on_copa_is_one_clear_line(roberta_dir, tmp_path, capsys):
     args[args.index("sst2")] = "copa"
     args[args.index("--data_dir") + 1] = DATA
     expect_error(capsys, args, "copa", "sst2, rte")
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: save_tiny(f, str(root / f)) for f in ("opt", "roberta", "llama", "mistral")}
+
+
+@pytest.mark.parametrize("peft_method", ["lora", "prefix", "prompt"])
+@pytest.mark.parametrize("family", ["opt", "roberta", "llama", "mistral"])
+def test_every_peft_scheme_trains_each_family(family_dirs, tmp_path, family, peft_method):
+    """--peft lora|prefix|prompt runs through the CLI for each family and saves its adapter."""
+    out = tmp_path / "out"
+    result = train.cli(small_run(family_dirs[family], out, "--peft", peft_method, "--steps", "3",
+                                 "--lr", "1e-3", "--save"))
+    assert len(read_log(out)) == 3 and result["trainable_params"] > 0
+    assert os.path.isfile(out / "adapter" / "zo_adapter.safetensors")
+    exported = family != "roberta" or peft_method == "lora"        # what HF peft can express
+    assert os.path.isfile(out / "adapter_peft" / "adapter_config.json") == exported
