@@ -233,16 +233,19 @@ def build_variant(name: str, model, params, *, block=False, zo_layers=None, spar
     if zo_layers is not None:                   # Tab. 7's ends: K = 0 leaves even the embeddings
         n = len(layers(model))                  # to FO, K = n gives ZO the head too
         cut = -1 if zo_layers == 0 else zo_layers if zo_layers < n else n + 1
-        fo_ids = {id(p) for key, ps in parts if key >= cut for p in ps}
-        for p in params:                        # autograd then records nothing below layer K
-            p.requires_grad_(id(p) in fo_ids)
+    fo = [p for key, ps in parts if key >= cut for p in ps]
     zo = [ps for key, ps in parts if key < cut]
-    groups = [{"params": ps} for ps in (zo if block else [sum(zo, [])]) if ps]
+    if not block:
+        zo = [[p for ps in zo for p in ps]]
+    groups = [{"params": ps} for ps in zo if ps]
     if sparsity:
-        ratios = iter(rge.sparsity_ratios(sum(zo, []), sparsity))
+        ratios = iter(rge.sparsity_ratios([p for ps in zo for p in ps], sparsity))
         for g in groups:
             g.update(sparsity=[next(ratios) for _ in g["params"]], mask_every=mask_every)
-    fo = [p for p in params if p.requires_grad] if zo_layers is not None else []
+    if zo_layers is not None:                   # autograd then records nothing below layer K
+        fo_ids = {id(p) for p in fo}
+        for p in params:
+            p.requires_grad_(id(p) in fo_ids)
     zo_opt = build(name, groups, **hparams) if groups else None
     fo_opt = build(FO_PARTNER[name], fo, **hparams) if fo else None
     return Hybrid(zo_opt, fo_opt) if zo_opt and fo_opt else zo_opt or fo_opt

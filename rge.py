@@ -21,10 +21,9 @@ lr = 0 the weights stay bitwise equal in any dtype, where the usual in-place +μ
 rounds three times and drifts in fp16/bf16. Per step of ZO-SGD, u is drawn three times (two
 perturbed forwards, one update), where the in-place scheme needs four.
 
-Sparse directions (§5, Tab. 8): u_i ⊙ m_i with an exact Bernoulli mask, P(m = 0) = s_i, drawn in
-`direction` from its own seed, so the perturbation and the update see the same mask. The ratios s_i
-come from one magnitude threshold τ of the pretrained weights: s_i = share of |θ_i| ≤ τ, with τ the
-S-quantile of |θ| over all tensors (overall sparsity S); tensors of small weights get more zeros.
+Sparse directions (§5, Tab. 8): u_i ⊙ m_i, m_i ~ Bernoulli(1 − s_i) drawn inside `direction`, so
+the perturbation and the update share it; s_i = share of |θ_i| ≤ τ, τ the S-quantile of all |θ| of
+the pretrained weights (overall sparsity S), so tensors of small weights get more zeros.
 
 References: 1) MeZO, Malladi et al. 2023, arXiv:2305.17333. 2) Zhang et al. 2024, ZO-Bench,
 arXiv:2402.11592, §3 and App. A. 3) Nesterov & Spokoiny 2017, Gaussian smoothing.
