@@ -21,6 +21,10 @@ lr = 0 the weights stay bitwise equal in any dtype, where the usual in-place +μ
 rounds three times and drifts in fp16/bf16. Per step of ZO-SGD, u is drawn three times (two
 perturbed forwards, one update), where the in-place scheme needs four.
 
+Sparse directions (§5, Tab. 8): u_i ⊙ m_i, m_i ~ Bernoulli(1 − s_i) drawn inside `direction`, so
+the perturbation and the update share it; s_i = share of |θ_i| ≤ τ, τ the S-quantile of all |θ| of
+the pretrained weights (overall sparsity S), so tensors of small weights get more zeros.
+
 References: 1) MeZO, Malladi et al. 2023, arXiv:2305.17333. 2) Zhang et al. 2024, ZO-Bench,
 arXiv:2402.11592, §3 and App. A. 3) Nesterov & Spokoiny 2017, Gaussian smoothing.
 Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate (forward_grad.py).
@@ -33,7 +37,15 @@ import torch
 from torch.nn.modules.module import (register_module_forward_hook,
                                      register_module_forward_pre_hook)
 
-SEED_BITS = 20  # tensor index bits in a generator seed: up to 2^20 trainable tensors
+SEED_BITS = 20        # tensor index bits in a generator seed: up to 2^20 trainable tensors
+MASK_SEEDS = 1 << 60  # mask generators start here, above every direction generator (< 2^60)
+
+
+@dataclass
+class Mask:
+    """Sparse directions: each entry of u_i is zeroed with probability ratios[i]."""
+    seed: int                  # < 2^40; one per parameter group and mask window
+    ratios: list[float]        # s_i, one per tensor
 
 
 @dataclass
@@ -43,24 +55,50 @@ class Estimate:
     seeds: list[int]           # one seed per direction u_j
     coeffs: list[float]        # c_j, the projected gradients already divided by q
     forward_passes: int        # forwards spent on this estimate
+    mask: Mask | None = None   # the directions' sparse mask, if any
 
 
 # ---- directions ---------------------------------------------------------------------------------
 
-def direction(p: torch.Tensor, seed: int, i: int) -> torch.Tensor:
+def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> torch.Tensor:
     """u for tensor i: N(0, I) shaped like p, from a generator seeded by (seed, i) alone.
 
     The only source of u in the project. A fresh generator per tensor (never the global RNG) makes u
     independent of the order tensors are visited in, and of anything else that draws random numbers.
+    With a mask, each entry is zeroed where a uniform draw from (mask.seed, i) falls below s_i:
+    exactly Bernoulli(s_i). (The released code thresholds a normal draw and zeroes a share Φ(s_i).)
     """
     gen = torch.Generator(device=p.device).manual_seed((seed << SEED_BITS) + i)
-    return torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+    u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+    if mask is not None and mask.ratios[i] > 0:
+        gen.manual_seed(MASK_SEEDS + (mask.seed << SEED_BITS) + i)
+        u.masked_fill_(torch.rand(p.shape, generator=gen, device=p.device) < mask.ratios[i], 0)
+    return u
+
+
+@torch.no_grad()
+def sparsity_ratios(params: list[torch.Tensor], sparsity: float, iters: int = 40) -> list[float]:
+    """s_i = share of |θ_i| ≤ τ, where τ is the `sparsity`-quantile of |θ| over all the tensors.
+
+    τ by bisection on [0, max |θ|], counting |θ_i| ≤ τ one tensor at a time on its own device, so
+    no copy of the weights is gathered (the released code concatenates them all on the CPU); each
+    of the `iters` halvings reads the weights once.
+    """
+    def count(tau):
+        return sum(int(torch.count_nonzero(p.abs() <= tau)) for p in params)
+
+    target = sparsity * sum(p.numel() for p in params)
+    lo, hi = 0.0, max(float(p.abs().max()) for p in params)
+    for _ in range(iters):                     # count(hi) ≥ target throughout
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+    return [int(torch.count_nonzero(p.abs() <= hi)) / p.numel() for p in params]
 
 
 # ---- functional perturbation --------------------------------------------------------------------
 
 @contextmanager
-def perturbed(params: list[torch.Tensor], seed: int, scale: float):
+def perturbed(params: list[torch.Tensor], seed: int, scale: float, mask: Mask | None = None):
     """Within the block, every module sees θ_i + scale·u_i(seed) instead of its trainable θ_i.
 
     A global forward pre-hook looks at each module about to run; for each of its own parameters that
@@ -80,7 +118,7 @@ def perturbed(params: list[torch.Tensor], seed: int, scale: float):
             return
         saved.setdefault(module, []).append(slots)
         for name, p in slots:
-            u = direction(p, seed, index[id(p)])
+            u = direction(p, seed, index[id(p)], mask)
             module._parameters[name] = torch.add(p, u, alpha=scale, out=u)  # one rounding
             reached.add(index[id(p)])
 
@@ -113,23 +151,24 @@ def _warn_unreached(params, reached):
 
 
 @torch.no_grad()
-def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float) -> Estimate:
+def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float,
+             mask: Mask | None = None) -> Estimate:
     """Two-sided RGE (§3, eq. (1)) with q = len(seeds) queries, 2q forward passes.
 
     `loss_fn()` returns the scalar loss of the current model; it is called inside `perturbed`, so
-    it sees θ ± μu_j without θ ever being written.
+    it sees θ ± μu_j without θ ever being written. With a mask, every u_j is masked by it.
     """
     q = len(seeds)
     losses, coeffs = [], []
     for seed in seeds:
-        with perturbed(params, seed, +mu) as reached:
+        with perturbed(params, seed, +mu, mask) as reached:
             f_plus = float(loss_fn())                                 # f(θ + μu_j)
-        with perturbed(params, seed, -mu):
+        with perturbed(params, seed, -mu, mask):
             f_minus = float(loss_fn())                                # f(θ − μu_j)
         losses.append((f_plus + f_minus) / 2)
         coeffs.append((f_plus - f_minus) / (2 * mu * q))              # eq. (1), one term
     _warn_unreached(params, reached)
-    return Estimate(sum(losses) / q, list(seeds), coeffs, forward_passes=2 * q)
+    return Estimate(sum(losses) / q, list(seeds), coeffs, forward_passes=2 * q, mask=mask)
 
 
 def gradients(est: Estimate, params: list[torch.Tensor]):
@@ -138,7 +177,7 @@ def gradients(est: Estimate, params: list[torch.Tensor]):
     Only one tensor-sized buffer is alive at a time; nothing parameter-sized is stored.
     """
     for i, p in enumerate(params):
-        g = direction(p, est.seeds[0], i).mul_(est.coeffs[0])
+        g = direction(p, est.seeds[0], i, est.mask).mul_(est.coeffs[0])
         for seed, c in zip(est.seeds[1:], est.coeffs[1:]):
-            g.add_(direction(p, seed, i), alpha=c)
+            g.add_(direction(p, seed, i, est.mask), alpha=c)
         yield p, g

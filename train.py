@@ -75,6 +75,14 @@ class Config:
     lora_targets: str = opt_field(None, "comma-separated LoRA projections (default: q and v)")
     num_prefix: int = opt_field(5, "prefix-tuning tokens per layer")
     num_virtual_tokens: int = opt_field(10, "prompt-tuning virtual tokens")
+    # zo variants (paper §5; options of the ZO optimizers, they combine)
+    block: bool = opt_field(False, "block-wise ZO: one estimate per block (embeddings, each layer, "
+                                   "head), updated in turn (Tab. 6)")
+    zo_layers: int = opt_field(None, "hybrid: embeddings and the first K layers by ZO, the rest by "
+                                     "back-prop with the FO twin of --opt (Tab. 7)")
+    sparsity: float = opt_field(0.0, "sparse ZO: share of direction entries zeroed, per-tensor "
+                                     "ratios from one magnitude threshold (Tab. 8)")
+    mask_every: int = opt_field(1, "redraw the sparse masks every this many steps")
     # run
     seed: int = opt_field(0, "seed of the optimizer's directions and of batch order")
     data_seed: int = opt_field(0, "seed of the train/dev/test sampling")
@@ -112,12 +120,23 @@ def check(cfg: Config) -> Config:
         if choices and getattr(cfg, f.name) not in choices:
             raise UserError(f"unknown --{f.name} '{getattr(cfg, f.name)}'; "
                             f"choose from: {', '.join(choices)}")
-    for name in ("steps", "batch_size", "q", "eval_every", "eval_batch_size"):
+    for name in ("steps", "batch_size", "q", "eval_every", "eval_batch_size", "mask_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    try:
+        optimizers.check_variant(cfg.opt, **variant(cfg))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if cfg.sparsity and cfg.peft != "ft":      # adapters start at zero or at random: no magnitudes
+        raise UserError("--sparsity takes its ratios from pretrained weights; use --peft ft")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir}: no such directory")
     return cfg
+
+
+def variant(cfg: Config) -> dict:
+    """The §5 options as optimizers.check_variant takes them."""
+    return dict(block=cfg.block, zo_layers=cfg.zo_layers, sparsity=cfg.sparsity)
 
 
 def model_kind(cfg: Config) -> bool:
@@ -173,8 +192,9 @@ def train(cfg, model, tokenizer, mlm, params, splits, device):
     task = tasks.get(cfg.task)
     train_set, dev_set, test_set = splits
     length = max_length(cfg, model)
-    opt = optimizers.build(cfg.opt, params, lr=cfg.lr, mu=cfg.mu, q=cfg.q,
-                           weight_decay=cfg.weight_decay, seed=cfg.seed)
+    opt = optimizers.build_variant(cfg.opt, model, params, **variant(cfg),
+                                   mask_every=cfg.mask_every, lr=cfg.lr, mu=cfg.mu, q=cfg.q,
+                                   weight_decay=cfg.weight_decay, seed=cfg.seed)
     batches = tasks.batches(tokenizer, task, train_set, batch_size=cfg.batch_size,
                             seed=cfg.seed, max_length=length, mlm=mlm)
 
@@ -238,6 +258,7 @@ def setup(cfg: Config):
         params = peft.apply(model, cfg.peft, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_targets=targets, num_prefix=cfg.num_prefix,
                             num_virtual_tokens=cfg.num_virtual_tokens, seed=cfg.seed)
+        optimizers.check_variant(cfg.opt, model, **variant(cfg))     # --zo_layers vs the depth
     except ValueError as e:                   # tasks.DataError and peft's bad-input errors
         raise UserError(str(e)) from e
     return device, model, tokenizer, mlm, splits, params

@@ -58,7 +58,7 @@ def test_three_gaussian_passes_per_query(q, monkeypatch):
     params = list(model.parameters())
     calls = []
     draw = rge.direction
-    monkeypatch.setattr(rge, "direction", lambda p, s, i: calls.append(i) or draw(p, s, i))
+    monkeypatch.setattr(rge, "direction", lambda p, s, i, *m: calls.append(i) or draw(p, s, i, *m))
     opt = optimizers.build("zo_sgd", params, lr=1e-3, q=q)
     opt.step(loss)
     assert sorted(calls) == sorted(list(range(len(params))) * 3 * q)
