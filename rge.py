@@ -60,15 +60,16 @@ def direction(p: torch.Tensor, seed: int, i: int) -> torch.Tensor:
 # ---- functional perturbation --------------------------------------------------------------------
 
 @contextmanager
-def perturbed(params: list[torch.Tensor], seed: int, scale: float):
-    """Within the block, every module sees θ_i + scale·u_i(seed) instead of its trainable θ_i.
+def swapped(params: list[torch.Tensor], replace):
+    """Within the block, every module sees `replace(θ_i, i)` instead of its trainable tensor θ_i.
 
-    A global forward pre-hook looks at each module about to run; for each of its own parameters that
-    is trainable tensor i, it puts the perturbed copy in `module._parameters` and keeps the original;
-    the matching forward hook puts the original back. At most one module's copies are alive at a time
-    (plus the module's activations), so the cost is one tensor, not one model. A tensor shared by two
-    modules (tied embeddings) is perturbed identically in both, since u depends on (seed, i) only.
-    Yields the set of tensor indices that were reached, so callers can tell unused tensors apart.
+    A global forward pre-hook looks at each module about to run; for each of its own parameters
+    that is trainable tensor i, it puts the replacement in `module._parameters` and keeps the
+    original; the matching forward hook puts the original back. At most one module's replacements
+    are alive at a time (plus the module's activations), so the cost is one tensor, not one model.
+    A tensor shared by two modules (tied embeddings) gets the same replacement in both, as long as
+    `replace` depends on (θ_i, i) only. Yields the set of tensor indices that were reached, so
+    callers can tell unused tensors apart.
     """
     index = {id(p): i for i, p in enumerate(params)}
     saved = {}    # module -> list of (name, original Parameter), while that module runs
@@ -80,8 +81,7 @@ def perturbed(params: list[torch.Tensor], seed: int, scale: float):
             return
         saved.setdefault(module, []).append(slots)
         for name, p in slots:
-            u = direction(p, seed, index[id(p)])
-            module._parameters[name] = torch.add(p, u, alpha=scale, out=u)  # one rounding
+            module._parameters[name] = replace(p, index[id(p)])
             reached.add(index[id(p)])
 
     def swap_out(module, args, output):
@@ -99,6 +99,22 @@ def perturbed(params: list[torch.Tensor], seed: int, scale: float):
             for slots in reversed(stack):
                 for name, p in slots:
                     module._parameters[name] = p
+
+
+def perturbed(params: list[torch.Tensor], seed: int | list[int], scale: float | list[float]):
+    """Within the block, every module sees θ_i + Σ_j scale_j·u_i(seed_j) instead of θ_i: one
+    direction (the estimate's θ ± μu) or several (ZO-SGD-Cons's candidates θ ∓ ηĝ).
+    """
+    seeds, scales = (seed, scale) if isinstance(seed, list) else ([seed], [scale])
+
+    def replace(p, i):
+        u = direction(p, seeds[0], i)
+        out = torch.add(p, u, alpha=scales[0], out=u)                 # one rounding for one u
+        for s, a in zip(seeds[1:], scales[1:]):
+            out.add_(direction(p, s, i), alpha=a)
+        return out
+
+    return swapped(params, replace)
 
 
 # ---- the estimate -------------------------------------------------------------------------------
