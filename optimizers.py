@@ -9,13 +9,19 @@ where ĝ_t estimates ∇f(θ_t) and h turns it into a step. The ZO methods get �
 tensor by tensor (rge.gradients redraws u from the seeds), so nothing gradient-sized is stored beyond
 one tensor at a time plus the method's own state. The FO baselines get ĝ = ∇f from back-prop.
 
-Structure: `ZeroOrderOptimizer.step(closure)` draws seeds, calls the estimator, then calls
+Structure: `ZeroOrderOptimizer.step(closure)` draws seeds, calls `self.estimate`, then calls
 `self.update(p, g, state, group)` for each tensor; a method is a subclass that overrides `update`
-(the rule sits under its formula). `closure()` returns the scalar loss of the current batch; the ZO
-step calls it 2q times, the FO step once under autograd. `OPTIMIZERS` maps `--opt` names to classes.
+(the rule sits under its formula). Three also override `estimate`, where the change lives in the
+scalars: Forward-Grad (a JVP instead of a finite difference), ZO-SGD-Sign's scalar mode (sign(c_j))
+and ZO-SGD-Cons (three more forwards choose h ∈ {0, ĝ, −ĝ}). `closure()` returns the scalar loss of
+the current batch; the ZO step calls it 2q times, the FO step once under autograd. Weight decay λ
+acts on ≥2-D tensors only: added to ĝ (coupled) for ZO and FO-SGD, decoupled for FO-Adam (AdamW).
+`OPTIMIZERS` maps `--opt` names to classes.
 
 References: 1) Zhang et al. 2024, arXiv:2402.11592, §3, App. A. 2) MeZO, Malladi et al. 2023,
-arXiv:2305.17333 (ZO-SGD). 3) Ghadimi & Lan 2013 (ZO-SGD convergence).
+arXiv:2305.17333 (ZO-SGD). 3) Ghadimi & Lan 2013 (ZO-SGD). 4) Liu et al. 2019 (ZO-signSGD).
+5) Chen et al. 2019, ZO-AdaMM. 6) Kim et al. 2021 (conservative update). 7) Baydin et al. 2022,
+arXiv:2202.08587 (forward gradient). 8) Kingma & Ba 2014; Loshchilov & Hutter 2019 (AdamW).
 Not here: the estimate itself (rge.py, forward_grad.py); the loss (tasks.py); the loop (train.py).
 """
 import inspect
@@ -81,7 +87,8 @@ class ZOSGDSign(ZeroOrderOptimizer):
     sign="scalar" (App. A and the released code: the sign of each projected gradient, times u):
         θ ← θ − η (1/q) Σ_j sign(c_j) u_j
     The first is signSGD on the estimate (every coordinate moves by exactly η); the second keeps
-    |u| and only quantises the scalar, so it is ZO-SGD with the step length set to η·|u|.
+    u and only quantises the scalars, i.e. ZO-SGD with |c_j| set to 1/q (the log's projected_grad
+    is then the mean sign). Coupled weight decay enters before the sign: sign(ĝ + λθ).
     """
 
     def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, sign="element"):
@@ -121,11 +128,12 @@ class ZOSGDCons(ZOSGD):
 
         θ ← argmin f(y) over y ∈ {θ, θ − ηĝ, θ + ηĝ}       (§3: h ∈ {0, ĝ, −ĝ})
 
-    The one exception to "override only update": `estimate` also spends three forwards, f(θ) and
-    the two candidates, which it evaluates functionally (`rge.perturbed` with the q directions of ĝ,
-    scaled by ∓ηc_j), so no weight is written until the choice is made; `update` then writes the
-    winner (nothing if θ wins; ties keep θ). The logged loss is f(θ), the projected gradient that of
-    ĝ whatever wins. Weight decay is refused: the three points are compared on f alone.
+    The documented exception to "override only update": `estimate` spends three more forwards,
+    f(θ) and the two candidates, evaluated functionally (`rge.perturbed` along the q directions of
+    ĝ, scaled by ∓ηc_j), so no weight is written before the choice; `update` then writes the
+    winner, equal to the evaluated point up to rounding (nothing if θ wins; ties keep θ). Logged:
+    loss f(θ), and the projected gradient of ĝ whatever wins. Weight decay is refused: the three
+    points are compared on f alone, and the paper defines no decayed variant.
     """
 
     def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0):

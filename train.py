@@ -66,6 +66,15 @@ class Config:
     weight_decay: float = opt_field(0.0, "weight decay on tensors with ≥ 2 dims")
     mu: float = opt_field(1e-3, "ZO perturbation radius μ")
     q: int = opt_field(1, "ZO queries (directions) per step")
+    momentum: float = opt_field(0.9, "zo_sgd_mmt momentum β")
+    beta1: float = opt_field(0.9, "zo_adam / fo_adam first-moment decay β1")
+    beta2: float = opt_field(0.999, "zo_adam / fo_adam second-moment decay β2")
+    eps: float = opt_field(1e-8, "zo_adam / fo_adam ε")
+    no_amsgrad: bool = opt_field(False, "zo_adam as plain Adam, without App. A's max rule")
+    sign: str = opt_field("element", "zo_sgd_sign: element-wise sign(ĝ) (§3) or App. A's "
+                          "sign(projected gradient)·u", choices=("element", "scalar"))
+    amp: bool = opt_field(False, "fo_sgd / fo_adam in mixed precision (fp16 autocast + grad "
+                          "scaling on CUDA, bf16 autocast on CPU); keep --dtype fp32")
     batch_size: int = opt_field(16, "training examples per step")
     steps: int = opt_field(20000, "optimizer steps")
     # parameter-efficient fine-tuning
@@ -168,7 +177,9 @@ def train(cfg, model, tokenizer, mlm, params, splits, device):
     train_set, dev_set, test_set = splits
     length = max_length(cfg, model)
     opt = optimizers.build(cfg.opt, params, lr=cfg.lr, mu=cfg.mu, q=cfg.q,
-                           weight_decay=cfg.weight_decay, seed=cfg.seed)
+                           weight_decay=cfg.weight_decay, seed=cfg.seed, momentum=cfg.momentum,
+                           beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                           amsgrad=not cfg.no_amsgrad, sign=cfg.sign, amp=cfg.amp)
     batches = tasks.batches(tokenizer, task, train_set, batch_size=cfg.batch_size,
                             seed=cfg.seed, max_length=length, mlm=mlm)
 
