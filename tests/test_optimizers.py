@@ -321,6 +321,18 @@ def test_fo_amp_runs_the_forward_in_bf16_on_cpu(name):
     assert not torch.equal(runs[0], runs[1])
 
 
+def test_fo_step_through_a_grad_scaler_equals_the_plain_step():
+    """The CUDA fp16 path's GradScaler (here a CPU one): scale, backward, unscale, step = FO-SGD."""
+    model, loss = tiny_lm()
+    oracle = copy.deepcopy(model)
+    expected = [p - 0.1 * g for p, g in zip(oracle.parameters(), fo_grads(oracle, None))]
+    opt = optimizers.build("fo_sgd", [p.requires_grad_(True) for p in model.parameters()], lr=0.1)
+    opt.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # a power of 2: exact scaling
+    opt.step(loss)
+    assert opt.scaler.get_scale() == 2.0**10                       # finite gradients: kept
+    assert_weights(model, [e.detach() for e in expected])
+
+
 # ---- behaviour ----------------------------------------------------------------------------------
 
 LOWERS = {"zo_sgd": 1e-2, "zo_sgd_sign": 1e-2, "zo_sgd_mmt": 2e-3, "zo_sgd_cons": 1e-2,
@@ -336,8 +348,8 @@ def test_every_optimizer_lowers_the_loss(name):
     y = x @ torch.linspace(-1, 1, 6).unsqueeze(1)
     loss = lambda: ((net(x) - y) ** 2).mean()
     params = [p.requires_grad_(name.startswith("fo_")) for p in net.parameters()]
-    start = float(loss())
+    start = float(loss().detach())
     opt = optimizers.build(name, params, lr=LOWERS[name], mu=1e-3, seed=0)
     for _ in range(300):
         opt.step(loss)
-    assert float(loss()) < start / 10, (start, float(loss()))
+    assert float(loss().detach()) < start / 10, start
