@@ -14,12 +14,12 @@ to trainable tensor i is drawn from its own generator seeded by (seed_j, i), so 
 any time, for any subset of tensors, in any order. The whole estimate is an `Estimate`: a loss, q
 seeds and q coefficients. An optimizer consumes it one tensor at a time through `gradients`.
 
-The weights are never written here. f(θ ± μu) is evaluated *functionally*: around the forward call of
-each module that owns a trainable tensor, a hook swaps the tensor for its perturbed copy θ_i ± μu_i and
-puts the original back when the module returns. So the only write to θ is the optimizer's update: with
-lr = 0 the weights stay bitwise equal in any dtype, where the usual in-place +μ, −2μ, +μ round trip
-rounds three times and drifts in fp16/bf16. Per step of ZO-SGD, u is drawn three times (two
-perturbed forwards, one update), where the in-place scheme needs four.
+The weights are never written here. f(θ ± μu) is evaluated *functionally*: around the forward
+call of each module that owns a trainable tensor, a hook swaps the tensor for its perturbed copy
+θ_i ± μu_i and puts the original back when the module returns. So the only write to θ is the
+optimizer's update: with lr = 0 the weights stay bitwise equal in any dtype, where the usual
+in-place +μ, −2μ, +μ round trip rounds three times and drifts in fp16/bf16. Per step of ZO-SGD, u
+is drawn three times (two perturbed forwards, one update), where the in-place scheme needs four.
 
 Sparse directions (§5, Tab. 8): u_i ⊙ m_i, m_i ~ Bernoulli(1 − s_i) drawn inside `direction`, so
 the perturbation and the update share it; s_i = share of |θ_i| ≤ τ, τ the S-quantile of all |θ| of
@@ -98,15 +98,16 @@ def sparsity_ratios(params: list[torch.Tensor], sparsity: float, iters: int = 40
 # ---- functional perturbation --------------------------------------------------------------------
 
 @contextmanager
-def perturbed(params: list[torch.Tensor], seed: int, scale: float, mask: Mask | None = None):
-    """Within the block, every module sees θ_i + scale·u_i(seed) instead of its trainable θ_i.
+def swapped(params: list[torch.Tensor], replace):
+    """Within the block, every module sees `replace(θ_i, i)` instead of its trainable tensor θ_i.
 
-    A global forward pre-hook looks at each module about to run; for each of its own parameters that
-    is trainable tensor i, it puts the perturbed copy in `module._parameters` and keeps the original;
-    the matching forward hook puts the original back. At most one module's copies are alive at a time
-    (plus the module's activations), so the cost is one tensor, not one model. A tensor shared by two
-    modules (tied embeddings) is perturbed identically in both, since u depends on (seed, i) only.
-    Yields the set of tensor indices that were reached, so callers can tell unused tensors apart.
+    A global forward pre-hook looks at each module about to run; for each of its own parameters
+    that is trainable tensor i, it puts the replacement in `module._parameters` and keeps the
+    original; the matching forward hook puts the original back. At most one module's replacements
+    are alive at a time (plus the module's activations), so the cost is one tensor, not one model.
+    A tensor shared by two modules (tied embeddings) gets the same replacement in both, as long as
+    `replace` depends on (θ_i, i) only. Yields the set of tensor indices that were reached, so
+    callers can tell unused tensors apart.
     """
     index = {id(p): i for i, p in enumerate(params)}
     saved = {}    # module -> list of (name, original Parameter), while that module runs
@@ -118,8 +119,7 @@ def perturbed(params: list[torch.Tensor], seed: int, scale: float, mask: Mask | 
             return
         saved.setdefault(module, []).append(slots)
         for name, p in slots:
-            u = direction(p, seed, index[id(p)], mask)
-            module._parameters[name] = torch.add(p, u, alpha=scale, out=u)  # one rounding
+            module._parameters[name] = replace(p, index[id(p)])
             reached.add(index[id(p)])
 
     def swap_out(module, args, output):
@@ -137,6 +137,24 @@ def perturbed(params: list[torch.Tensor], seed: int, scale: float, mask: Mask | 
             for slots in reversed(stack):
                 for name, p in slots:
                     module._parameters[name] = p
+
+
+def perturbed(params: list[torch.Tensor], seed: int | list[int], scale: float | list[float],
+              mask: Mask | None = None):
+    """Within the block, every module sees θ_i + Σ_j scale_j·u_i(seed_j) instead of θ_i: one
+    direction (the estimate's θ ± μu) or several (ZO-SGD-Cons's candidates θ ∓ ηĝ), each masked
+    by `mask` when the directions are sparse.
+    """
+    seeds, scales = (seed, scale) if isinstance(seed, list) else ([seed], [scale])
+
+    def replace(p, i):
+        u = direction(p, seeds[0], i, mask)
+        out = torch.add(p, u, alpha=scales[0], out=u)                 # one rounding for one u
+        for s, a in zip(seeds[1:], scales[1:]):
+            out.add_(direction(p, s, i, mask), alpha=a)
+        return out
+
+    return swapped(params, replace)
 
 
 # ---- the estimate -------------------------------------------------------------------------------

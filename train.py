@@ -66,6 +66,15 @@ class Config:
     weight_decay: float = opt_field(0.0, "weight decay on tensors with ≥ 2 dims")
     mu: float = opt_field(1e-3, "ZO perturbation radius μ")
     q: int = opt_field(1, "ZO queries (directions) per step")
+    momentum: float = opt_field(0.9, "zo_sgd_mmt momentum β")
+    beta1: float = opt_field(0.9, "zo_adam / fo_adam first-moment decay β1")
+    beta2: float = opt_field(0.999, "zo_adam / fo_adam second-moment decay β2")
+    eps: float = opt_field(1e-8, "zo_adam / fo_adam ε")
+    no_amsgrad: bool = opt_field(False, "zo_adam as plain Adam, without App. A's max rule")
+    sign: str = opt_field("element", "zo_sgd_sign: element-wise sign(ĝ) (§3) or App. A's "
+                          "sign(projected gradient)·u", choices=("element", "scalar"))
+    amp: bool = opt_field(False, "fo_sgd / fo_adam in mixed precision (fp16 autocast + grad "
+                          "scaling on CUDA, bf16 autocast on CPU); keep --dtype fp32")
     batch_size: int = opt_field(16, "training examples per step")
     steps: int = opt_field(20000, "optimizer steps")
     # parameter-efficient fine-tuning
@@ -187,14 +196,11 @@ def write_json(path, obj):
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def train(cfg, model, tokenizer, mlm, params, splits, device):
+def train(cfg, model, tokenizer, mlm, params, opt, splits, device):
     """The plain loop; returns the result dict of DESIGN §7."""
     task = tasks.get(cfg.task)
     train_set, dev_set, test_set = splits
     length = max_length(cfg, model)
-    opt = optimizers.build_variant(cfg.opt, model, params, **variant(cfg),
-                                   mask_every=cfg.mask_every, lr=cfg.lr, mu=cfg.mu, q=cfg.q,
-                                   weight_decay=cfg.weight_decay, seed=cfg.seed)
     batches = tasks.batches(tokenizer, task, train_set, batch_size=cfg.batch_size,
                             seed=cfg.seed, max_length=length, mlm=mlm)
 
@@ -258,22 +264,26 @@ def setup(cfg: Config):
         params = peft.apply(model, cfg.peft, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_targets=targets, num_prefix=cfg.num_prefix,
                             num_virtual_tokens=cfg.num_virtual_tokens, seed=cfg.seed)
-        optimizers.check_variant(cfg.opt, model, **variant(cfg))     # --zo_layers vs the depth
-    except ValueError as e:                   # tasks.DataError and peft's bad-input errors
+        opt = optimizers.build_variant(
+            cfg.opt, model, params, **variant(cfg), mask_every=cfg.mask_every, lr=cfg.lr,
+            mu=cfg.mu, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed,
+            momentum=cfg.momentum, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+            amsgrad=not cfg.no_amsgrad, sign=cfg.sign, amp=cfg.amp)
+    except ValueError as e:                   # tasks.DataError, peft's and the optimizers' checks
         raise UserError(str(e)) from e
-    return device, model, tokenizer, mlm, splits, params
+    return device, model, tokenizer, mlm, splits, params, opt
 
 
 def main(cfg: Config) -> dict:
     """Set up, train, write the outputs; returns result.json's content."""
-    device, model, tokenizer, mlm, splits, params = setup(cfg)
+    device, model, tokenizer, mlm, splits, params, opt = setup(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
     print(f"{cfg.model} | {cfg.peft} | trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.3f}%) | {device} {cfg.dtype}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))
-    result = train(cfg, model, tokenizer, mlm, params, splits, device)
+    result = train(cfg, model, tokenizer, mlm, params, opt, splits, device)
     if cfg.save:
         save_weights(cfg, model, tokenizer)
     write_json(os.path.join(cfg.output_dir, "result.json"), result)
