@@ -173,3 +173,14 @@ def test_every_peft_scheme_trains_each_family(family_dirs, tmp_path, family, pef
     assert os.path.isfile(out / "adapter" / "zo_adapter.safetensors")
     exported = family != "roberta" or peft_method == "lora"        # what HF peft can express
     assert os.path.isfile(out / "adapter_peft" / "adapter_config.json") == exported
+
+
+@pytest.mark.parametrize("opt,passes", [
+    ("zo_sgd", 2), ("zo_sgd_sign", 2), ("zo_sgd_mmt", 2), ("zo_sgd_cons", 5), ("zo_adam", 2),
+    ("forward_grad", 1), ("fo_sgd", 1), ("fo_adam", 1)])
+def test_every_optimizer_runs_through_the_cli(opt_dir, tmp_path, opt, passes):
+    """Each --opt trains 3 steps; log.jsonl records its forward passes per step (q = 1)."""
+    out = tmp_path / "out"
+    result = train.cli(small_run(opt_dir, out, "--opt", opt, "--steps", "3", "--lr", "1e-4"))
+    assert [line["forward_passes"] for line in read_log(out)] == [passes] * 3
+    assert result["forward_passes"] == 3 * passes
