@@ -117,8 +117,10 @@ def parse_args(argv=None) -> Config:
         if f.type is bool:
             ap.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
         else:
+            text = meta["help"] + (f": {', '.join(meta['choices'])}" if "choices" in meta else "")
+            text += "" if f.default is None else f" (default: {f.default})"
             ap.add_argument(f"--{f.name}", type=f.type, default=f.default, metavar=f.name.upper(),
-                            help=f"{meta['help']} (default: {f.default})")
+                            help=text)
     return check(Config(**vars(ap.parse_args(argv))))
 
 
@@ -138,6 +140,10 @@ def check(cfg: Config) -> Config:
         raise UserError(str(e)) from e
     if cfg.sparsity and cfg.peft != "ft":      # adapters start at zero or at random: no magnitudes
         raise UserError("--sparsity takes its ratios from pretrained weights; use --peft ft")
+    if cfg.amp and not cfg.opt.startswith("fo_"):
+        raise UserError(f"--amp is mixed precision for back-prop (fo_sgd, fo_adam), not {cfg.opt}")
+    if cfg.opt == "forward_grad" and cfg.dtype == "fp16":   # layer norm's JVP overflows in fp16
+        raise UserError("forward_grad needs --dtype fp32 or bf16 (the paper runs it in fp32)")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir}: no such directory")
     return cfg

@@ -184,3 +184,15 @@ def test_every_optimizer_runs_through_the_cli(opt_dir, tmp_path, opt, passes):
     result = train.cli(small_run(opt_dir, out, "--opt", opt, "--steps", "3", "--lr", "1e-4"))
     assert [line["forward_passes"] for line in read_log(out)] == [passes] * 3
     assert result["forward_passes"] == 3 * passes
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--amp"], "--amp"), (["--opt", "forward_grad", "--dtype", "fp16"], "forward_grad"),
+    (["--opt", "zo_sgd_cons", "--weight_decay", "0.1"], "weight decay"),
+    (["--opt", "fo_sgd", "--block"], "options of the ZO optimizers"),
+    (["--zo_layers", "9"], "--zo_layers must be in 0..2"), (["--steps", "0"], "--steps"),
+    (["--peft", "lora", "--sparsity", "0.5"], "--peft ft"), (["--dtype", "fp8"], "fp32")])
+def test_bad_flag_combinations_are_one_line(opt_dir, tmp_path, capsys, flags, needle):
+    """Options that cannot work together stop before anything is written."""
+    expect_error(capsys, small_run(opt_dir, tmp_path / "out", *flags), needle)
+    assert not (tmp_path / "out").exists()
