@@ -214,7 +214,7 @@ def layer_terms(model, loss_fn, trainable) -> dict:
         if storage._cdata not in weights and storage._cdata not in seen:
             seen.add(storage._cdata)
             a_l[phase[0]] += storage.nbytes()
-        return t.detach()           # t itself would close a cycle t → grad_fn → t that gc misses
+        return t.detach()            # t itself: a cycle t → grad_fn → t that gc cannot see
 
     hooks = [register_module_forward_pre_hook(claim)]
     for i, layer in enumerate(stack):              # the running layer; after the last, the head
@@ -283,16 +283,14 @@ def predict(opt: str, t: dict, *, amp=False, foreach=False, kept=0, zo_layers=No
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SWEEPS = ("seq_len", "batch_size", "zo_layers")
 TERMS = ("weights", "state", "dynamic", "peak")
-GIB_FIELDS = {"x", "max_x_l", "a", "max_a_l", "forward", "residue",   # bytes in rows, GiB in files
-              *(f"{kind}_{k}" for kind in ("predicted", "measured") for k in TERMS)}
 
 
 def hardware(device) -> str:
     """The machine a measurement ran on, for the record."""
     name = torch.cuda.get_device_name(device) if _is_cuda(device) else platform.processor()
-    if not _is_cuda(device) and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            name = next((l.split(":")[1].strip() for l in f if l.startswith("model name")), name)
+    if os.path.exists("/proc/cpuinfo") and not _is_cuda(device):
+        name = next((l.split(":")[1].strip() for l in open("/proc/cpuinfo")
+                     if l.startswith("model name")), name)
     return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
@@ -300,7 +298,7 @@ def trainable(model, method):
     """All weights (ft), or the adapter's tensors from peft.py (imported only then)."""
     if method == "ft":
         return list(model.requires_grad_(True).parameters())
-    if not os.path.exists(os.path.join(os.path.dirname(__file__), "peft.py")):
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft.py")):
         raise ValueError(f"--peft {method} needs peft.py, which is not on this branch")
     import peft                           # ours: the hub's `peft` package has the same name
     if method not in peft.METHODS:
@@ -308,24 +306,16 @@ def trainable(model, method):
     return peft.apply(model, method)
 
 
-def build_optimizer(name, model, params, zo_layers):
-    import optimizers
-    if zo_layers is None:
-        return optimizers.build(name, params, lr=0.0)
-    if not hasattr(optimizers, "build_variant"):
-        raise ValueError("--sweep zo_layers needs the hybrid optimizer (optimizers.build_variant)")
-    return optimizers.build_variant(name, model, params, zo_layers=zo_layers, lr=0.0)
-
-
 def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
-    """One configuration: its terms, Tab. 5's prediction, and (off the meta device) measurements:
-    the dynamic term is the median over `args.steps` steps after a warm-up, the time their mean."""
+    """One configuration: its terms, Tab. 5's prediction and, off the meta device, measurements
+    (sizes in GiB): the dynamic term is the median of `args.steps` steps after a warm-up step,
+    the step time their mean."""
     import optimizers
     backprop = zo_layers is not None or \
         issubclass(optimizers.OPTIMIZERS.get(opt, object), getattr(optimizers, "BackProp", ()))
     half = DTYPES[args.dtype] if args.dtype != "fp32" else None
     config, device = model_config(args.model), args.device
-    dtype = torch.float32 if backprop or half is None else half        # F16: ZO weights only
+    dtype = half if half and not backprop else torch.float32           # F16: ZO weights only
     build_model(config, dtype, "meta")             # imports the modelling code before the baseline
     base = settle(device)
     model = build_model(config, dtype, device, eager=opt == "forward_grad")
@@ -336,16 +326,22 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
     t = layer_terms(model, lm_loss(model, ids), params)
     loss = lm_loss(model, ids, half if backprop else None)
     row = dict(model=args.model, opt=opt, peft=args.peft, dtype=args.dtype, batch_size=batch_size,
-               seq_len=seq_len, zo_layers=zo_layers, x=t["x"], max_x_l=max(t["x_l"]), a=t["a"],
-               max_a_l=max(t["a_l"]), hardware=hardware(device), _terms=t)
-    measured, kept, foreach = None, 0, False
+               seq_len=seq_len, zo_layers=zo_layers, hardware=hardware(device), _terms=t)
+    measured, kept, foreach = {}, 0, False
     if device != "meta":
         with torch.no_grad():
             loss()                                                      # warm-up
             _, peak, row["forward_s"] = measure(loss, device)
         before = settle(device)          # after the first forwards' one-time caches: not state
-        row.update(forward=peak - before + weights, residue=before - base - weights)
-        optimizer = build_optimizer(opt, model, params, zo_layers)
+        row.update(inference=(peak - before + weights) / GIB,
+                   residue=(before - base - weights) / GIB)
+        if zo_layers is None:
+            optimizer = optimizers.build(opt, params, lr=0.0)
+        elif hasattr(optimizers, "build_variant"):
+            optimizer = optimizers.build_variant(opt, model, params, zo_layers=zo_layers, lr=0.0)
+        else:
+            raise ValueError("--sweep zo_layers needs the hybrid optimizer "
+                             "(optimizers.build_variant)")
         optimizer.step(loss)                                            # warm-up: the state
         dynamic, seconds = [], []
         for _ in range(args.steps):
@@ -361,68 +357,83 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
         foreach = bool(fe) or fe is None and _is_cuda(device)          # torch's default
         row.update(step_s=statistics.mean(seconds), forward_passes=optimizer.forward_passes)
     predicted = predict(opt, t, amp=bool(half and backprop), foreach=foreach, kept=kept,
-                        zo_layers=zo_layers) if opt in TAB5 else None
+                        zo_layers=zo_layers) if opt in TAB5 else {}
     for k in TERMS:
-        row[f"predicted_{k}"] = predicted and predicted[k]
-        row[f"measured_{k}"] = measured and measured[k]
-    row["gap"] = predicted and measured and measured["peak"] / predicted["peak"] - 1
-    row["_formula"] = predicted["formula"] if predicted else ["no Tab. 5 row", "", "", ""]
+        row[f"predicted_{k}"] = predicted[k] / GIB if predicted else None
+        row[f"measured_{k}"] = measured[k] / GIB if measured else None
+    row["gap"] = measured["peak"] / predicted["peak"] - 1 if predicted and measured else None
+    row["_formula"] = predicted.get("formula", ["no Tab. 5 row", "", "", ""])
     return row
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def _size(b):
+    return f"{b / GIB:.3f} GiB" if b >= GIB / 10 else f"{b / 2**20:.2f} MiB"
 
 
 def report(row):
     """One configuration, term by term: the formula, its value, the measurement, the gap."""
-    t, g = row["_terms"], lambda v: f"{v / GIB:10.3f}" if v is not None else f"{'—':>10}"
-    top = lambda v: t["names"][v.index(max(v))]
+    t, top = row["_terms"], lambda v: row["_terms"]["names"][v.index(max(v))]
     hybrid = f" + back-prop, zo_layers {row['zo_layers']}" if row["zo_layers"] is not None else ""
     print(f"\n{row['model']} | {row['opt']}{hybrid} | {row['peft']} | {row['dtype']} | batch "
-          f"{row['batch_size']}×{row['seq_len']} | {row['hardware']}\n|x| {t['x'] / GIB:.3f} GiB"
-          f" | max_l |x_l| {max(t['x_l']) / GIB:.3f} ({top(t['x_l'])}) | |a| {t['a'] / GIB:.3f}"
-          f" | max_l |a_l| {max(t['a_l']) / GIB:.3f} ({top(t['a_l'])}) | |W| {t['W'] / GIB:.3f}"
-          f"\n{'GiB':8} {'Tab. 5':52} {'predicted':>10} {'measured':>10} {'gap':>8}")
+          f"{row['batch_size']}×{row['seq_len']} | {row['hardware']}\n|x| {_size(t['x'])} | "
+          f"max_l |x_l| {_size(max(t['x_l']))} ({top(t['x_l'])}) | |a| {_size(t['a'])} | max_l "
+          f"|a_l| {_size(max(t['a_l']))} ({top(t['a_l'])}) | |W| {_size(t['W'])}\n"
+          f"{'GiB':8} {'Tab. 5':46} {'predicted':>9} {'measured':>9} {'gap':>8}")
     for k, text in zip(TERMS, row["_formula"]):
         p, m = row[f"predicted_{k}"], row[f"measured_{k}"]
         gap = "" if p is None or m is None else f"{row['gap']:+8.1%}" if k == "peak" else \
-            f"{(m - p) / GIB:+8.3f}"
-        print(f"{k:8} {text:52} {g(p)} {g(m)} {gap}")
-    if row.get("forward") is not None:
-        print(f"inference forward: peak {row['forward'] / GIB:.3f} GiB, {row['forward_s']:.2f} s"
-              f" | step: {row['step_s']:.2f} s, {row['forward_passes']} forwards | not counted: "
-              f"{row['residue'] / GIB:.3f} GiB of first-forward caches")
+            f"{m - p:+8.3f}"
+        print(f"{k:8} {text:46} " + " ".join("        —" if v is None else f"{v:9.3f}"
+                                             for v in (p, m)) + f" {gap}")
+    if "inference" in row:
+        print(f"inference forward: peak {row['inference']:.3f} GiB, {row['forward_s']:.2f} s | "
+              f"step: {row['step_s']:.2f} s, {row['forward_passes']} forwards | not counted: "
+              f"{row['residue']:.3f} GiB of first-forward caches")
 
 
-def write(rows, out, stem, sweep):
-    """A sweep's rows as CSV and JSON (sizes in GiB), and a PNG if matplotlib is installed."""
+def _cell(v, width, spec=".3f"):
+    return f"{'—' if v is None else format(v, spec):>{width}}"
+
+
+def write(rows, out, stem, sweep, command):
+    """Rows as a table on screen, CSV and JSON (GiB, seconds), and a PNG if matplotlib is here."""
+    table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    print(f"\n{sweep:>10} {'opt':14} {'predicted':>9} {'measured':>9} {'gap':>7} "
+          f"{'inference':>9} {'step s':>7}")
+    for r in table:
+        print(f"{r[sweep]!s:>10} {r['opt']:14} {_cell(r['predicted_peak'], 9)} "
+              f"{_cell(r['measured_peak'], 9)} {_cell(r['gap'], 7, '+.1%')} "
+              f"{_cell(r.get('inference'), 9)} {_cell(r.get('step_s'), 7, '.2f')}")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, stem)
-    table = [{k: v / GIB if k in GIB_FIELDS and v is not None else v
-              for k, v in r.items() if not k.startswith("_")} for r in rows]
     with open(path + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
     with open(path + ".json", "w") as f:
-        json.dump(dict(command="python " + " ".join(sys.argv), rows=table), f, indent=1)
-    print(f"\nwrote {path}.csv and .json")
+        json.dump(dict(command=command, rows=table), f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return print(f"wrote {path}.csv and .json")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for opt in dict.fromkeys(r["opt"] for r in table):
-        for kind, style in (("measured", "o-"), ("predicted", "x--")):
-            xs, ys = zip(*[(r[sweep], r[f"{kind}_peak"]) for r in table if r["opt"] == opt])
-            if ys[0] is not None:
-                ax.plot(xs, ys, style, label=f"{opt}, {kind}")
-    ax.set(xlabel=sweep, ylabel="peak memory (GiB)",
-           title=f"{table[0]['model']}, batch {table[0]['batch_size']}: {table[0]['hardware']}")
+    for i, opt in enumerate(dict.fromkeys(r["opt"] for r in table)):
+        mine = [r for r in table if r["opt"] == opt]
+        for key, style, label in (("measured_peak", "o-", "measured"), ("predicted_peak", "x--",
+                                  "Tab. 5"), ("inference", "k:", "inference forward")):
+            if mine[0].get(key) is not None and (i == 0 or key != "inference"):
+                ax.plot([r[sweep] for r in mine], [r[key] for r in mine], style,
+                        label=label if key == "inference" else f"{opt}, {label}")
+    ax.set(xlabel=sweep, ylabel="peak memory (GiB)", title=f"{table[0]['model']}, batch "
+           f"{table[0]['batch_size']}, {table[0]['dtype']}: {table[0]['hardware']}")
     ax.title.set_fontsize(8)
     ax.legend()
     fig.savefig(path + ".png", dpi=120, bbox_inches="tight")
-    print(f"wrote {path}.png")
-
+    print(f"wrote {path}.csv, .json and .png")
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -433,6 +444,7 @@ def fail(message):
 
 
 def main(argv=None) -> list[dict]:
+    """Parse, check, profile every --opt at every sweep value, report, write; returns the rows."""
     import optimizers
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="opt-125m",
@@ -441,45 +453,43 @@ def main(argv=None) -> list[dict]:
                     f"{', '.join(optimizers.OPTIMIZERS)} (meta device: {', '.join(TAB5)})")
     ap.add_argument("--peft", default="ft", help="ft (all weights), or a method of peft.py")
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                    help="16-bit: the weights' dtype for ZO (F16), autocast for FO (FP16)")
+                    help="16-bit: the weights of ZO (F16), autocast for FO (FP16)")
     ap.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up")
     ap.add_argument("--sweep", nargs=2, metavar=("NAME", "VALUES"),
                     help=f"NAME: {', '.join(SWEEPS)}; VALUES comma-separated, e.g. 64,128")
-    ap.add_argument("--out", help="directory for CSV/JSON/PNG (default for a sweep: results)")
+    ap.add_argument("--out", help="directory for CSV/JSON/PNG (a sweep's default: results)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda[:i], or meta: the prediction alone, for any model size")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     known = TAB5 if args.device == "meta" else optimizers.OPTIMIZERS
-    opts = args.opt.split(",")
-    for opt in opts:
+    for opt in args.opt.split(","):
         if opt not in known:
             fail(f"unknown --opt '{opt}'; choose from: {', '.join(known)}")
     name, values = args.sweep or ("seq_len", str(args.seq_len))
     if name not in SWEEPS:
         fail(f"unknown --sweep '{name}'; choose from: {', '.join(SWEEPS)}")
-    try:
-        values = [int(v) for v in values.split(",")]
-    except ValueError:
+    if not all(v.isdigit() for v in values.split(",")):
         fail(f"--sweep {name}: the values must be comma-separated integers, not '{values}'")
     if args.threads:
         torch.set_num_threads(args.threads)
     track_tensors()
     rows = []
     try:
-        for value in values:
-            for opt in opts:
+        for value in map(int, values.split(",")):
+            for opt in args.opt.split(","):
                 shape = dict(batch_size=args.batch_size, seq_len=args.seq_len) | {name: value}
                 rows.append(profile(args, opt, **shape))
                 report(rows[-1])
     except ValueError as e:
         fail(e)
     if args.sweep or args.out:
-        stem = os.path.basename(args.model.rstrip("/")) + (f"_{name}" if args.sweep else
-                                                            f"_b{args.batch_size}_s{args.seq_len}")
-        write(rows, args.out or "results", stem, name)
+        stem = f"_{name}" if args.sweep else f"_b{args.batch_size}_s{args.seq_len}"
+        write(rows, args.out or "results", os.path.basename(args.model.rstrip("/")) + stem, name,
+              " ".join(["python memory.py", *argv]))
     return rows
 
 
