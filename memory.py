@@ -26,8 +26,10 @@ Dynamic = max{Σ_{l>K} max{|a_l|, |x_l|}, max_{l≤K} |x_l|} (K = 0: all FO; K =
 
 Measured (App. C: LM loss on every token, in fp32, random token ids of the given shape), with an
 optimizer at lr = 0: weights = held after building the model; state = held after a warm-up step
-minus held before the optimizer existed; dynamic = peak during a step minus held before it. |x_l|
-is counted, |a_l| measured, so theory and measurement compare term by term. Readings: CUDA's
+minus held before the optimizer existed (the first forwards' one-time caches are no state);
+dynamic = peak during a step minus held before it. |x_l| is counted, |a_l| measured, so theory
+and measurement compare term by term; gradients that torch keeps on .grad between steps (|g|)
+are moved from Tab. 5's dynamic column to the state they are measured in. Readings: CUDA's
 allocator statistics; on CPU the resident set VmRSS and its high-water mark VmHWM (reset through
 /proc/self/clear_refs). For RSS to follow the tensors, the modelling code runs once on the meta
 device before the baseline (its imports are ~100 MB), and glibc is told to mmap every block above
@@ -271,11 +273,11 @@ def predict(opt: str, t: dict, *, amp=False, foreach=False, kept=0, zo_layers=No
         dynamic = dynamic_of(t, 0.5 if amp else 1)
         text = "max{½|a| + ½|x|, Σ_l max{½|a_l|, |x_l|}}" if amp and text == _FO[0] else text
     extra = t["x"] * (foreach and opt == "fo_adam")
-    moved = f" + kept .grad {kept / GIB:.3f}" if kept else ""
     return dict(weights=t["W"], state=k * t["x"] + kept, dynamic=dynamic + extra - kept,
                 peak=t["W"] + k * t["x"] + dynamic + extra,
-                formula=["|W|", f"{k + bool(extra)}|x|{moved}" if k or extra else f"0{moved}",
-                         text + (f" − kept .grad" if kept else ""), "sum"])
+                formula=["|W|", (f"{k}|x|" if k else "0") + " + |g| kept" * bool(kept),
+                         text + " + |x| foreach" * bool(extra) + " − |g| kept" * bool(kept),
+                         "sum"])
 
 
 # ---- the benchmark ------------------------------------------------------------------------------
@@ -311,8 +313,9 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
     (sizes in GiB): the dynamic term is the median of `args.steps` steps after a warm-up step,
     the step time their mean."""
     import optimizers
-    backprop = zo_layers is not None or \
-        issubclass(optimizers.OPTIMIZERS.get(opt, object), getattr(optimizers, "BackProp", ()))
+    cls = optimizers.OPTIMIZERS.get(opt)          # None: a Tab. 5 row only (meta device)
+    backprop = zo_layers is not None or (issubclass(cls, optimizers.BackProp) if cls else
+                                         TAB5[opt][1] == _FO[0])
     half = DTYPES[args.dtype] if args.dtype != "fp32" else None
     config, device = model_config(args.model), args.device
     dtype = half if half and not backprop else torch.float32           # F16: ZO weights only
@@ -380,12 +383,12 @@ def report(row):
           f"{row['batch_size']}×{row['seq_len']} | {row['hardware']}\n|x| {_size(t['x'])} | "
           f"max_l |x_l| {_size(max(t['x_l']))} ({top(t['x_l'])}) | |a| {_size(t['a'])} | max_l "
           f"|a_l| {_size(max(t['a_l']))} ({top(t['a_l'])}) | |W| {_size(t['W'])}\n"
-          f"{'GiB':8} {'Tab. 5':46} {'predicted':>9} {'measured':>9} {'gap':>8}")
+          f"{'GiB':8} {'Tab. 5':54} {'predicted':>9} {'measured':>9} {'gap':>8}")
     for k, text in zip(TERMS, row["_formula"]):
         p, m = row[f"predicted_{k}"], row[f"measured_{k}"]
         gap = "" if p is None or m is None else f"{row['gap']:+8.1%}" if k == "peak" else \
             f"{m - p:+8.3f}"
-        print(f"{k:8} {text:46} " + " ".join("        —" if v is None else f"{v:9.3f}"
+        print(f"{k:8} {text:54} " + " ".join("        —" if v is None else f"{v:9.3f}"
                                              for v in (p, m)) + f" {gap}")
     if "inference" in row:
         print(f"inference forward: peak {row['inference']:.3f} GiB, {row['forward_s']:.2f} s | "
@@ -419,6 +422,8 @@ def write(rows, out, stem, sweep, command):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        plt = None
+    if plt is None or len({r[sweep] for r in table}) < 2:
         return print(f"wrote {path}.csv and .json")
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, opt in enumerate(dict.fromkeys(r["opt"] for r in table)):
@@ -487,7 +492,8 @@ def main(argv=None) -> list[dict]:
     except ValueError as e:
         fail(e)
     if args.sweep or args.out:
-        stem = f"_{name}" if args.sweep else f"_b{args.batch_size}_s{args.seq_len}"
+        stem = (f"_{name}" if args.sweep else f"_b{args.batch_size}_s{args.seq_len}") + \
+            ("_meta" if args.device == "meta" else "")
         write(rows, args.out or "results", os.path.basename(args.model.rstrip("/")) + stem, name,
               " ".join(["python memory.py", *argv]))
     return rows
