@@ -375,6 +375,10 @@ def _size(b):
     return f"{b / GIB:.3f} GiB" if b >= GIB / 10 else f"{b / 2**20:.2f} MiB"
 
 
+def _cell(v, width, spec=".3f"):
+    return f"{'—' if v is None else format(v, spec):>{width}}"
+
+
 def report(row):
     """One configuration, term by term: the formula, its value, the measurement, the gap."""
     t, top = row["_terms"], lambda v: row["_terms"]["names"][v.index(max(v))]
@@ -388,16 +392,11 @@ def report(row):
         p, m = row[f"predicted_{k}"], row[f"measured_{k}"]
         gap = "" if p is None or m is None else f"{row['gap']:+8.1%}" if k == "peak" else \
             f"{m - p:+8.3f}"
-        print(f"{k:8} {text:54} " + " ".join("        —" if v is None else f"{v:9.3f}"
-                                             for v in (p, m)) + f" {gap}")
+        print(f"{k:8} {text:54} {_cell(p, 9)} {_cell(m, 9)} {gap}")
     if "inference" in row:
         print(f"inference forward: peak {row['inference']:.3f} GiB, {row['forward_s']:.2f} s | "
               f"step: {row['step_s']:.2f} s, {row['forward_passes']} forwards | not counted: "
               f"{row['residue']:.3f} GiB of first-forward caches")
-
-
-def _cell(v, width, spec=".3f"):
-    return f"{'—' if v is None else format(v, spec):>{width}}"
 
 
 def write(rows, out, stem, sweep, command):
@@ -426,13 +425,13 @@ def write(rows, out, stem, sweep, command):
     if plt is None or len({r[sweep] for r in table}) < 2:
         return print(f"wrote {path}.csv and .json")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, opt in enumerate(dict.fromkeys(r["opt"] for r in table)):
-        mine = [r for r in table if r["opt"] == opt]
-        for key, style, label in (("measured_peak", "o-", "measured"), ("predicted_peak", "x--",
-                                  "Tab. 5"), ("inference", "k:", "inference forward")):
-            if mine[0].get(key) is not None and (i == 0 or key != "inference"):
-                ax.plot([r[sweep] for r in mine], [r[key] for r in mine], style,
-                        label=label if key == "inference" else f"{opt}, {label}")
+    lines = [(f"{opt}, {label}", key, style) for opt in dict.fromkeys(r["opt"] for r in table)
+             for key, style, label in (("measured_peak", "o-", "measured"),
+                                       ("predicted_peak", "x--", "Tab. 5"))]
+    for label, key, style in lines + [(f"{table[0]['opt']}, inference forward", "inference", "k:")]:
+        mine = [r for r in table if r["opt"] == label.split(",")[0] and r.get(key) is not None]
+        if mine:
+            ax.plot([r[sweep] for r in mine], [r[key] for r in mine], style, label=label)
     ax.set(xlabel=sweep, ylabel="peak memory (GiB)", title=f"{table[0]['model']}, batch "
            f"{table[0]['batch_size']}, {table[0]['dtype']}: {table[0]['hardware']}")
     ax.title.set_fontsize(8)
@@ -470,6 +469,9 @@ def main(argv=None) -> list[dict]:
                     help="cpu, cuda[:i], or meta: the prediction alone, for any model size")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    for k in ("steps", "batch_size", "seq_len"):
+        if getattr(args, k) < 1:
+            fail(f"--{k} must be at least 1, got {getattr(args, k)}")
     known = TAB5 if args.device == "meta" else optimizers.OPTIMIZERS
     for opt in args.opt.split(","):
         if opt not in known:
@@ -492,10 +494,11 @@ def main(argv=None) -> list[dict]:
     except ValueError as e:
         fail(e)
     if args.sweep or args.out:
-        stem = (f"_{name}" if args.sweep else f"_b{args.batch_size}_s{args.seq_len}") + \
-            ("_meta" if args.device == "meta" else "")
-        write(rows, args.out or "results", os.path.basename(args.model.rstrip("/")) + stem, name,
-              " ".join(["python memory.py", *argv]))
+        tags = [name if args.sweep else f"b{args.batch_size}_s{args.seq_len}"] + \
+            [args.dtype] * (args.dtype != "fp32") + [args.peft] * (args.peft != "ft") + \
+            ["meta"] * (args.device == "meta")
+        write(rows, args.out or "results", "_".join([os.path.basename(args.model.rstrip("/")),
+              *tags]), name, " ".join(["python memory.py", *argv]))
     return rows
 
 

@@ -166,7 +166,8 @@ def test_hybrid_sweep_falls_with_zo_layers_and_is_written(small_opt, tmp_path, c
     (["--opt", "zo_sgd,nope"], "unknown --opt 'nope'"),
     (["--model", "gpt-5"], "unknown --model 'gpt-5'"),
     (["--sweep", "lr", "1,2"], "unknown --sweep 'lr'"),
-    (["--sweep", "seq_len", "64,long"], "comma-separated integers")])
+    (["--sweep", "seq_len", "64,long"], "comma-separated integers"),
+    (["--steps", "0"], "--steps must be at least 1")])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         meta(*argv)
