@@ -193,8 +193,9 @@ def lm_loss(model, ids, amp_dtype=None):
 
 # ---- the terms of Tab. 5: |W| and |x_l| counted, |a_l| measured ---------------------------------
 
-def layer_terms(model, loss_fn, trainable) -> dict:
-    """|W|, |x|, |a|, and per layer (embeddings, each transformer layer, head) |x_l| and |a_l|.
+def layer_terms(model, loss_fn, params) -> dict:
+    """|W|, |a|, |x| (of `params`, the trainable tensors), and per layer (the embeddings, each
+    transformer layer, the head) |x_l| and |a_l|, in bytes.
 
     One forward under autograd: a saved-tensor hook adds the bytes of each storage autograd keeps
     for the backward to the layer running at the time, once per storage (a view, or a tensor saved
@@ -229,7 +230,7 @@ def layer_terms(model, loss_fn, trainable) -> dict:
         for h in hooks:
             h.remove()
     x_l = [0] * len(names)
-    for p in trainable:
+    for p in params:
         x_l[owner.get(id(p), 0)] += p.nbytes
     return dict(names=names, x_l=x_l, a_l=a_l, x=sum(x_l), a=sum(a_l),
                 W=sum(t.nbytes for t in [*model.parameters(), *model.buffers()]))
@@ -311,7 +312,7 @@ def trainable(model, method):
 def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
     """One configuration: its terms, Tab. 5's prediction and, off the meta device, measurements
     (sizes in GiB): the dynamic term is the median of `args.steps` steps after a warm-up step,
-    the step time their mean."""
+    the step time their mean (and so for the inference forward)."""
     import optimizers
     cls = optimizers.OPTIMIZERS.get(opt)          # None: a Tab. 5 row only (meta device)
     backprop = zo_layers is not None or (issubclass(cls, optimizers.BackProp) if cls else
@@ -334,7 +335,8 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
     if device != "meta":
         with torch.no_grad():
             loss()                                                      # warm-up
-            _, peak, row["forward_s"] = measure(loss, device)
+            runs = [measure(loss, device) for _ in range(args.steps)]
+        peak, row["forward_s"] = max(r[1] for r in runs), statistics.mean(r[2] for r in runs)
         before = settle(device)          # after the first forwards' one-time caches: not state
         row.update(inference=(peak - before + weights) / GIB,
                    residue=(before - base - weights) / GIB)
@@ -395,8 +397,10 @@ def report(row):
         print(f"{k:8} {text:54} {_cell(p, 9)} {_cell(m, 9)} {gap}")
     if "inference" in row:
         print(f"inference forward: peak {row['inference']:.3f} GiB, {row['forward_s']:.2f} s | "
-              f"step: {row['step_s']:.2f} s, {row['forward_passes']} forwards | not counted: "
-              f"{row['residue']:.3f} GiB of first-forward caches")
+              f"step: {row['step_s']:.2f} s, {row['forward_passes']} forwards | step/forward: "
+              f"memory {row['measured_peak'] / row['inference']:.2f}×, time "
+              f"{row['step_s'] / row['forward_s']:.1f}× | not counted: {row['residue']:.3f} GiB "
+              "of first-forward caches")
 
 
 def write(rows, out, stem, sweep, command):
