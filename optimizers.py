@@ -383,11 +383,12 @@ def check_variant(name: str, model=None, *, block=False, zo_layers=None, sparsit
 
 
 def build_variant(name: str, model, params, *, block=False, zo_layers=None, sparsity=0.0,
-                  mask_every=1, **hparams):
+                  mask_every=1, pretrained=True, **hparams):
     """`build` with the §5 variants, which combine: block-wise (a param group per block), hybrid
     (`zo_layers` = K: `name` on the embeddings and first K layers, its FO_PARTNER on the rest)
     and sparse (ratios of the ZO tensors by rge.sparsity_ratios, masks redrawn every `mask_every`
-    steps). A model is needed for blocks and the hybrid split only."""
+    steps; with `pretrained` False, e.g. fresh adapters whose magnitudes mean nothing yet, every
+    tensor gets the ratio `sparsity`, the released code's "layer" mode). A model is needed for blocks and the hybrid split only."""
     check_variant(name, model, block=block, zo_layers=zo_layers, sparsity=sparsity)
     params = list(params)
     if not (block or zo_layers is not None or sparsity):
@@ -403,7 +404,9 @@ def build_variant(name: str, model, params, *, block=False, zo_layers=None, spar
         zo = [[p for ps in zo for p in ps]]
     groups = [{"params": ps} for ps in zo if ps]
     if sparsity:
-        ratios = iter(rge.sparsity_ratios([p for ps in zo for p in ps], sparsity))
+        zo_params = [p for ps in zo for p in ps]
+        ratios = iter(rge.sparsity_ratios(zo_params, sparsity) if pretrained
+                      else [sparsity] * len(zo_params))
         for g in groups:
             g.update(sparsity=[next(ratios) for _ in g["params"]], mask_every=mask_every)
     if zo_layers is not None:                   # autograd then records nothing below layer K

@@ -90,7 +90,8 @@ class Config:
     zo_layers: int = opt_field(None, "hybrid: embeddings and the first K layers by ZO, the rest by "
                                      "back-prop with the FO twin of --opt (Tab. 7)")
     sparsity: float = opt_field(0.0, "sparse ZO: share of direction entries zeroed, per-tensor "
-                                     "ratios from one magnitude threshold (Tab. 8)")
+                                     "ratios from one magnitude threshold (Tab. 8; adapters: "
+                                     "the same ratio for every tensor)")
     mask_every: int = opt_field(1, "redraw the sparse masks every this many steps")
     # run
     seed: int = opt_field(0, "seed of the optimizer's directions and of batch order")
@@ -138,8 +139,6 @@ def check(cfg: Config) -> Config:
         optimizers.check_variant(cfg.opt, **variant(cfg))
     except ValueError as e:
         raise UserError(str(e)) from e
-    if cfg.sparsity and cfg.peft != "ft":      # adapters start at zero or at random: no magnitudes
-        raise UserError("--sparsity takes its ratios from pretrained weights; use --peft ft")
     if cfg.amp and not cfg.opt.startswith("fo_"):
         raise UserError(f"--amp is mixed precision for back-prop (fo_sgd, fo_adam), not {cfg.opt}")
     if cfg.opt == "forward_grad" and cfg.dtype == "fp16":   # layer norm's JVP overflows in fp16
@@ -271,7 +270,8 @@ def setup(cfg: Config):
                             lora_targets=targets, num_prefix=cfg.num_prefix,
                             num_virtual_tokens=cfg.num_virtual_tokens, seed=cfg.seed)
         opt = optimizers.build_variant(
-            cfg.opt, model, params, **variant(cfg), mask_every=cfg.mask_every, lr=cfg.lr,
+            cfg.opt, model, params, **variant(cfg), mask_every=cfg.mask_every,
+            pretrained=cfg.peft == "ft", lr=cfg.lr,
             mu=cfg.mu, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed,
             momentum=cfg.momentum, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
             amsgrad=not cfg.no_amsgrad, sign=cfg.sign, amp=cfg.amp)

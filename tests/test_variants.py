@@ -262,13 +262,20 @@ def test_cli_runs_each_variant(flags, passes, opt, peft_method, tmp_path):
             "--peft", peft_method, "--data_dir", os.path.join(DATA, "sst2"), "--steps", "2",
             "--num_train", "8", "--num_dev", "4", "--num_eval", "4", "--batch_size", "2",
             "--eval_every", "2", "--output_dir", str(tmp_path / "out"), *flags]
-    if "--sparsity" in flags and peft_method != "ft":
-        with pytest.raises(SystemExit):
-            train.cli(argv)
-        return
     train.cli(argv)
     with open(tmp_path / "out" / "log.jsonl") as f:
         log = [json.loads(line) for line in f]
     if peft_method == "lora" and "--block" in flags:
         passes = 2 * 2                      # LoRA on q, v: only the two layers hold tensors
     assert [r["forward_passes"] for r in log] == [passes, passes]
+
+
+def test_adapters_get_one_uniform_ratio():
+    """Fresh adapters (LoRA B = 0) have no magnitudes to rank: every tensor gets the ratio S."""
+    import peft
+    model, _ = tiny_lm()
+    params = peft.apply(model, "lora")
+    opt = optimizers.build_variant("zo_sgd", model, params, sparsity=0.3, pretrained=False, lr=0)
+    assert opt.param_groups[0]["sparsity"] == [0.3] * len(params)
+    ranked = optimizers.build_variant("zo_sgd", model, params, sparsity=0.3, lr=0)
+    assert ranked.param_groups[0]["sparsity"] != [0.3] * len(params)   # B = 0: all of it ≤ τ
