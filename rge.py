@@ -29,6 +29,7 @@ References: 1) MeZO, Malladi et al. 2023, arXiv:2305.17333. 2) Zhang et al. 2024
 arXiv:2402.11592, §3 and App. A. 3) Nesterov & Spokoiny 2017, Gaussian smoothing.
 Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate (forward_grad.py).
 """
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -183,6 +184,8 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
             f_plus = float(loss_fn())                                 # f(θ + μu_j)
         with perturbed(params, seed, -mu, mask):
             f_minus = float(loss_fn())                                # f(θ − μu_j)
+        if not math.isfinite(f_plus + f_minus):       # stop before a NaN reaches the weights
+            raise FloatingPointError(f"rge: the loss at θ ± μu is {f_plus}, {f_minus}")
         losses.append((f_plus + f_minus) / 2)
         coeffs.append((f_plus - f_minus) / (2 * mu * q))              # eq. (1), one term
     _warn_unreached(params, reached)

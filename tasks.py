@@ -7,7 +7,8 @@ Classification tasks (SST2, RTE, MultiRC) train with cross-entropy over the cand
     L = −log softmax_c s(c)[gold];
 COPA and WinoGrande train with the LM loss: token-averaged NLL of the gold option only, so a
 training step runs forward passes on gold sequences only. Evaluation = argmax_c s(c) vs gold
-(MultiRC also SuperGLUE F1a and exact match per question). The LM head runs only on the scored
+(MultiRC also SuperGLUE F1a and exact match per question; its test split is sampled in
+whole questions). The LM head runs only on the scored
 positions, and log-softmax is taken in fp32 even for fp16/bf16 weights (DESIGN §2).
 
 Task alignment (paper §3, Tab. 1): aligned templates turn each task into next-token prediction;
@@ -241,8 +242,22 @@ def _sample(train, valid, num_train, num_dev, num_eval, seed):
     rng = np.random.default_rng(seed)
     picked = [train[i] for i in rng.permutation(len(train))[:num_train + num_dev]]
     cut = len(picked) - num_dev
-    test = [valid[i] for i in rng.permutation(len(valid))[:num_eval]]
-    return picked[:cut], picked[cut:], test
+    return picked[:cut], picked[cut:], _whole_questions(valid, num_eval, rng)
+
+
+def _whole_questions(valid, num_eval, rng):
+    """Up to num_eval test records; MultiRC's come in whole questions, so that exact match
+    (all of a question's options right) is computed over complete questions."""
+    if "group" not in valid[0]:
+        return [valid[i] for i in rng.permutation(len(valid))[:num_eval]]
+    questions = {}
+    for r in valid:
+        questions.setdefault(r["group"], []).append(r)
+    test = []
+    for q in rng.permutation(list(questions)):
+        if len(test) + len(questions[q]) <= num_eval:
+            test += questions[q]
+    return test
 
 
 # ---- encoding: token ids, and for each candidate the (sequence, position, token) it scores
@@ -324,6 +339,17 @@ def _scores(model, batch):
     return (total / count).view(-1, batch["num_candidates"])
 
 
+def _shuffled(tokenizer, task, encoded, labels, batch_size, rng):
+    """Batches of the encoded examples, endlessly, in a fresh order every epoch."""
+    while True:
+        order = rng.permutation(len(encoded))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            batch = _collate(tokenizer, [encoded[j] for j in idx], [labels[j] for j in idx])
+            batch["loss_type"] = task.loss_type
+            yield batch
+
+
 def _task(task):
     return task if isinstance(task, Task) else get(task)
 
@@ -355,6 +381,7 @@ def batches(tokenizer, task, examples, *, batch_size, seed=0, max_length=512,
             mlm=False) -> Iterator[dict]:
     """Endless training batches, reshuffled every epoch by a private RNG (never the global one).
 
+    The examples are checked and encoded here, at the call, so bad input fails before training;
     "lm" tasks encode the gold candidate only: its option tokens are all the loss needs.
     """
     task = _task(task)
@@ -362,15 +389,8 @@ def batches(tokenizer, task, examples, *, batch_size, seed=0, max_length=512,
         raise DataError(f"no training examples for {task.name}")
     gold_only = task.loss_type == "lm"
     encoded = [_encode(tokenizer, e, max_length, mlm, gold_only) for e in examples]
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(examples))
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            batch = _collate(tokenizer, [encoded[j] for j in idx],
-                             [0 if gold_only else examples[j].label for j in idx])
-            batch["loss_type"] = task.loss_type
-            yield batch
+    labels = [0 if gold_only else e.label for e in examples]
+    return _shuffled(tokenizer, task, encoded, labels, batch_size, np.random.default_rng(seed))
 
 
 def to(batch, device) -> dict:

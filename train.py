@@ -37,7 +37,7 @@ import peft
 import tasks
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MLM_TYPES = ("roberta", "xlm-roberta", "bert")   # model types scored as masked LMs
+MLM_TYPES = ("roberta", "xlm-roberta")   # model types scored as masked LMs
 
 
 def opt_field(default, help, **kw):
@@ -132,6 +132,10 @@ def check(cfg: Config) -> Config:
         if choices and getattr(cfg, f.name) not in choices:
             raise UserError(f"unknown --{f.name} '{getattr(cfg, f.name)}'; "
                             f"choose from: {', '.join(choices)}")
+    if cfg.mu <= 0:
+        raise UserError(f"--mu must be positive, got {cfg.mu}")
+    if cfg.select == "best" and cfg.num_dev == 0:
+        raise UserError("--select best picks the weights by dev accuracy; it needs --num_dev > 0")
     for name in ("steps", "batch_size", "q", "eval_every", "eval_batch_size", "mask_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -172,6 +176,9 @@ def load_model(cfg: Config, device, mlm: bool):
     kw = {"attn_implementation": "eager"} if cfg.opt == "forward_grad" else {}
     model = auto.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **kw).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if not tokenizer("a", add_special_tokens=False).input_ids:
+        raise UserError(f"--model {cfg.model}: its tokenizer encodes text to nothing "
+                        "(are the tokenizer files there?)")
     if tokenizer.pad_token_id is None:          # LLaMA/Mistral ship without a pad token
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.requires_grad_(False)
@@ -201,24 +208,35 @@ def write_json(path, obj):
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def train(cfg, model, tokenizer, mlm, params, opt, splits, device):
+@dataclass
+class Run:
+    """What setup() prepared: everything the loop needs, all checked."""
+    device: str
+    model: torch.nn.Module
+    tokenizer: object
+    mlm: bool                 # a masked LM (RoBERTa), scored at the mask token
+    splits: tuple             # train, dev, test examples
+    params: list              # the trainable tensors
+    opt: torch.optim.Optimizer
+    batches: object           # endless iterator of encoded training batches
+    length: int               # the longest input, in tokens
+
+
+def train(cfg: Config, run: Run) -> dict:
     """The plain loop; returns the result dict of DESIGN §7."""
-    task = tasks.get(cfg.task)
-    train_set, dev_set, test_set = splits
-    length = max_length(cfg, model)
-    batches = tasks.batches(tokenizer, task, train_set, batch_size=cfg.batch_size,
-                            seed=cfg.seed, max_length=length, mlm=mlm)
+    model, opt, params, device = run.model, run.opt, run.params, run.device
+    train_set, dev_set, test_set = run.splits
 
     def evaluate(examples):
-        return tasks.evaluate(model, tokenizer, task, examples, batch_size=cfg.eval_batch_size,
-                              max_length=length, mlm=mlm)
+        return tasks.evaluate(model, run.tokenizer, cfg.task, examples, mlm=run.mlm,
+                              batch_size=cfg.eval_batch_size, max_length=run.length)
 
     best = {"dev_accuracy": -1.0, "step": 0, "weights": None}
     peak, step_times, passes = 0, [], 0
     log = open(os.path.join(cfg.output_dir, "log.jsonl"), "w")
     bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True)
     for step in bar:
-        batch = tasks.to(next(batches), device)
+        batch = tasks.to(next(run.batches), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
         memory.reset(device)
@@ -256,15 +274,30 @@ def train(cfg, model, tokenizer, mlm, params, opt, splits, device):
                 num_test=len(test_set), device=str(device))
 
 
-def setup(cfg: Config):
-    """Everything that can fail on bad input, before anything is written."""
+def pick_device(cfg: Config) -> str:
+    """--device, or cuda when there is one; a device that is not there is bad input."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+    return device
+
+
+def setup(cfg: Config) -> Run:
+    """Everything that can fail on bad input, before anything is written."""
+    device = pick_device(cfg)
     try:
         task, mlm = tasks.get(cfg.task), model_kind(cfg)
         splits = tasks.load(task, cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
                             num_eval=cfg.num_eval, seed=cfg.data_seed, align=not cfg.no_align,
                             mlm=mlm)
         model, tokenizer = load_model(cfg, device, mlm)
+        length = max_length(cfg, model)
+        if length < 2:                     # a candidate needs a token to be scored after another
+            raise UserError(f"--max_length leaves {length} token(s) for the input")
         targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
         params = peft.apply(model, cfg.peft, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_targets=targets, num_prefix=cfg.num_prefix,
@@ -275,23 +308,25 @@ def setup(cfg: Config):
             mu=cfg.mu, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed,
             momentum=cfg.momentum, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
             amsgrad=not cfg.no_amsgrad, sign=cfg.sign, amp=cfg.amp)
-    except ValueError as e:                   # tasks.DataError, peft's and the optimizers' checks
-        raise UserError(str(e)) from e
-    return device, model, tokenizer, mlm, splits, params, opt
+        batches = tasks.batches(tokenizer, task, splits[0], batch_size=cfg.batch_size,
+                                seed=cfg.seed, max_length=length, mlm=mlm)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except (ValueError, OSError) as e:   # DataError, peft's and the optimizers' checks, files
+        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, length)
 
 
 def main(cfg: Config) -> dict:
     """Set up, train, write the outputs; returns result.json's content."""
-    device, model, tokenizer, mlm, splits, params, opt = setup(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in params)
+    run = setup(cfg)
+    total = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.params)
     print(f"{cfg.model} | {cfg.peft} | trainable {trainable:,} of {total:,} parameters "
-          f"({100 * trainable / total:.3f}%) | {device} {cfg.dtype}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
+          f"({100 * trainable / total:.3f}%) | {run.device} {cfg.dtype}")
     write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))
-    result = train(cfg, model, tokenizer, mlm, params, opt, splits, device)
+    result = train(cfg, run)
     if cfg.save:
-        save_weights(cfg, model, tokenizer)
+        save_weights(cfg, run.model, run.tokenizer)
     write_json(os.path.join(cfg.output_dir, "result.json"), result)
     print(json.dumps({k: v for k, v in result.items() if k != "test_metrics"}))
     return result

@@ -143,6 +143,14 @@ def test_real_data_sampling(name):
         p = sum(r["label"] == 1 for r in source) / len(source)
         q = sum(e.label == 1 for e in sample) / len(sample)
         assert abs(p - q) <= 4 * (p * (1 - p) / len(sample)) ** 0.5, (name, p, q)  # ≈ 3-9 points
+    if name == "multirc":  # test questions come whole, so exact match means what it says
+        options = {}
+        for r in source_valid:
+            options[r["group"]] = options.get(r["group"], 0) + 1
+        sampled = {}
+        for e in test:
+            sampled[e.group] = sampled.get(e.group, 0) + 1
+        assert sampled == {g: options[g] for g in sampled}
     assert tasks.load(name, DATA, num_train=20, num_dev=10, num_eval=5, seed=1)[0] == \
         tasks.load(name, DATA, num_train=20, num_dev=10, num_eval=5, seed=1)[0]
 
@@ -251,7 +259,8 @@ def test_hub_columns_give_the_same_examples(name, tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "HUB", str(tmp_path / "hub" / "{repo}"))
     kw = dict(num_train=6, num_dev=3, num_eval=4, seed=3)
     hub = tasks.load(name, None, **kw)
-    assert [len(s) for s in hub] == [6, 3, 4]
+    whole = 3 if name == "multirc" else 4             # MultiRC's test: whole 3-option questions
+    assert [len(s) for s in hub] == [6, 3, whole]
     assert hub == tasks.load(name, str(tmp_path / "files"), **kw)
 
 

@@ -191,8 +191,22 @@ def test_every_optimizer_runs_through_the_cli(opt_dir, tmp_path, opt, passes):
     (["--opt", "zo_sgd_cons", "--weight_decay", "0.1"], "weight decay"),
     (["--opt", "fo_sgd", "--block"], "options of the ZO optimizers"),
     (["--zo_layers", "9"], "--zo_layers must be in 0..2"), (["--steps", "0"], "--steps"),
-    (["--sparsity", "1.5"], "[0, 1)"), (["--dtype", "fp8"], "fp32")])
+    (["--sparsity", "1.5"], "[0, 1)"), (["--dtype", "fp8"], "fp32"), (["--mu", "0"], "--mu"),
+    (["--num_train", "0"], "no training examples"), (["--device", "tpu9"], "--device"),
+    (["--max_length", "1"], "--max_length"), (["--num_dev", "0"], "--num_dev > 0")])
 def test_bad_flag_combinations_are_one_line(opt_dir, tmp_path, capsys, flags, needle):
     """Options that cannot work together stop before anything is written."""
     expect_error(capsys, small_run(opt_dir, tmp_path / "out", *flags), needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_without_tokenizer_or_unwritable_output(opt_dir, tmp_path, capsys):
+    """Weights without tokenizer files, or an output path under a file: one line, exit 2."""
+    bare = tmp_path / "bare"
+    shutil.copytree(opt_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "*.txt", "*.json"))
+    shutil.copy(os.path.join(opt_dir, "config.json"), bare)
+    expect_error(capsys, small_run(str(bare), tmp_path / "out"), str(bare))
+    assert not (tmp_path / "out").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    expect_error(capsys, small_run(opt_dir, blocker / "out"), "file")
