@@ -388,7 +388,8 @@ def build_variant(name: str, model, params, *, block=False, zo_layers=None, spar
     (`zo_layers` = K: `name` on the embeddings and first K layers, its FO_PARTNER on the rest)
     and sparse (ratios of the ZO tensors by rge.sparsity_ratios, masks redrawn every `mask_every`
     steps; with `pretrained` False, e.g. fresh adapters whose magnitudes mean nothing yet, every
-    tensor gets the ratio `sparsity`, the released code's "layer" mode). A model is needed for blocks and the hybrid split only."""
+    tensor gets the ratio `sparsity`, the released code's "layer" mode). A model is needed for
+    blocks and the hybrid split only."""
     check_variant(name, model, block=block, zo_layers=zo_layers, sparsity=sparsity)
     params = list(params)
     if not (block or zo_layers is not None or sparsity):

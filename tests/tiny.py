@@ -3,7 +3,8 @@
 Each family is built from its Hugging Face config with a handful of dimensions, so a forward
 pass takes milliseconds; LLaMA and Mistral use grouped-query attention (4 query heads, 2
 key/value heads). `save_tiny` writes model and tokenizer with `save_pretrained`, so tests
-exercise the real `from_pretrained` path. The tokenizers come from ../shared/tokenizers; tests skip when it is absent.
+exercise the real `from_pretrained` path. The tokenizers come from ../shared/tokenizers; tests
+skip when it is absent.
 """
 import os
 
