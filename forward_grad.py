@@ -54,7 +54,7 @@ def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int) -> tu
             value, tangent = forward_ad.unpack_dual(loss_fn())
         loss = float(value)
         slope = 0.0 if tangent is None else float(tangent)    # None: no tensor reached the loss
-    rge._warn_unreached(params, reached)
+    rge.warn_unreached(params, reached)
     if not math.isfinite(slope):
         raise FloatingPointError(f"forward_grad: the directional derivative ∇fᵀu is {slope} "
                                  "(forward-mode AD overflowed; use fp32 or bf16 weights)")

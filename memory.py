@@ -154,7 +154,7 @@ CONFIGS = {  # name: (transformers config class, fields from the released config
     "mistral-7b": ("MistralConfig", _LLAMA | dict(num_key_value_heads=8, sliding_window=4096,
                    intermediate_size=14336, max_position_embeddings=32768)),
 }
-MLM_TYPES = ("roberta", "xlm-roberta", "bert")    # scored as masked LMs, as train.py does
+MLM_TYPES = ("roberta", "xlm-roberta")    # model types scored as masked LMs, here and in train.py
 
 
 def model_config(name):
@@ -203,7 +203,8 @@ def layer_terms(model, loss_fn, params) -> dict:
     of the first module that runs with it (a tied head to the embeddings), a trainable tensor that
     no module owns (e.g. a prompt) to the embeddings. On the meta device it costs no memory.
     """
-    stack = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m))
+    import optimizers
+    stack = optimizers.layers(model)
     names = ["embeddings", *(f"layer {i}" for i in range(len(stack))), "head"]
     phase, owner, seen, a_l = [0], {}, set(), [0] * len(names)
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
@@ -301,8 +302,6 @@ def trainable(model, method):
     """All weights (ft), or the adapter's tensors from peft.py (imported only then)."""
     if method == "ft":
         return list(model.requires_grad_(True).parameters())
-    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft.py")):
-        raise ValueError(f"--peft {method} needs peft.py, which is not on this branch")
     import peft                           # ours: the hub's `peft` package has the same name
     if method not in peft.METHODS:
         raise ValueError(f"unknown --peft '{method}'; choose from: {', '.join(peft.METHODS)}")
@@ -340,13 +339,7 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
         before = settle(device)          # after the first forwards' one-time caches: not state
         row.update(inference=(peak - before + weights) / GIB,
                    residue=(before - base - weights) / GIB)
-        if zo_layers is None:
-            optimizer = optimizers.build(opt, params, lr=0.0)
-        elif hasattr(optimizers, "build_variant"):
-            optimizer = optimizers.build_variant(opt, model, params, zo_layers=zo_layers, lr=0.0)
-        else:
-            raise ValueError("--sweep zo_layers needs the hybrid optimizer "
-                             "(optimizers.build_variant)")
+        optimizer = optimizers.build_variant(opt, model, params, zo_layers=zo_layers, lr=0.0)
         optimizer.step(loss)                                            # warm-up: the state
         dynamic, seconds = [], []
         for _ in range(args.steps):

@@ -160,7 +160,7 @@ def perturbed(params: list[torch.Tensor], seed: int | list[int], scale: float | 
 
 # ---- the estimate -------------------------------------------------------------------------------
 
-def _warn_unreached(params, reached):
+def warn_unreached(params, reached):
     missed = [i for i in range(len(params)) if i not in reached]
     if missed:
         shapes = ", ".join(f"#{i} {tuple(params[i].shape)}" for i in missed[:5])
@@ -188,7 +188,7 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
             raise FloatingPointError(f"rge: the loss at θ ± μu is {f_plus}, {f_minus}")
         losses.append((f_plus + f_minus) / 2)
         coeffs.append((f_plus - f_minus) / (2 * mu * q))              # eq. (1), one term
-    _warn_unreached(params, reached)
+    warn_unreached(params, reached)
     return Estimate(sum(losses) / q, list(seeds), coeffs, forward_passes=2 * q, mask=mask)
 
 

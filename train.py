@@ -36,8 +36,7 @@ import optimizers
 import peft
 import tasks
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MLM_TYPES = ("roberta", "xlm-roberta")   # model types scored as masked LMs
+DTYPES, MLM_TYPES = memory.DTYPES, memory.MLM_TYPES   # weight dtypes; masked-LM model types
 
 
 def opt_field(default, help, **kw):
@@ -143,7 +142,7 @@ def check(cfg: Config) -> Config:
         optimizers.check_variant(cfg.opt, **variant(cfg))
     except ValueError as e:
         raise UserError(str(e)) from e
-    if cfg.amp and not cfg.opt.startswith("fo_"):
+    if cfg.amp and not issubclass(optimizers.OPTIMIZERS[cfg.opt], optimizers.BackProp):
         raise UserError(f"--amp is mixed precision for back-prop (fo_sgd, fo_adam), not {cfg.opt}")
     if cfg.opt == "forward_grad" and cfg.dtype == "fp16":   # layer norm's JVP overflows in fp16
         raise UserError("forward_grad needs --dtype fp32 or bf16 (the paper runs it in fp32)")

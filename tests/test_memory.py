@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import memory
-import optimizers
 
 GIB, MIB = memory.GIB, 2**20
 # two transformer layers between embeddings and head: |x_l|, |a_l| in bytes, |W| = 100
@@ -151,13 +150,8 @@ def test_hybrid_sweep_falls_with_zo_layers_and_is_written(small_opt, tmp_path, c
     assert os.path.exists(stem + ".png") or importlib.util.find_spec("matplotlib") is None
     cpu = ["--model", small_opt, "--device", "cpu", "--seq_len", "8", "--steps", "1",
            "--sweep", "zo_layers", "0,2", "--out", str(tmp_path)]
-    if hasattr(optimizers, "build_variant"):
-        fo, zo = memory.main(cpu)
-        assert fo["measured_peak"] > zo["measured_peak"]
-    else:
-        with pytest.raises(SystemExit) as e:
-            memory.main(cpu)
-        assert e.value.code == 2 and "needs the hybrid optimizer" in capsys.readouterr().err
+    fo, zo = memory.main(cpu)
+    assert fo["measured_peak"] > zo["measured_peak"]
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -176,10 +170,5 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_peft_is_imported_only_for_an_adapter(small_opt, capsys):
-    if not os.path.exists(os.path.join(os.path.dirname(memory.__file__), "peft.py")):
-        with pytest.raises(SystemExit) as e:
-            meta("--model", small_opt, "--peft", "lora")
-        assert e.value.code == 2 and "needs peft.py" in capsys.readouterr().err
-    else:
-        row, = meta("--model", small_opt, "--peft", "lora")
-        assert 0 < row["_terms"]["x"] < row["_terms"]["W"] / 100
+    row, = meta("--model", small_opt, "--peft", "lora")
+    assert 0 < row["_terms"]["x"] < row["_terms"]["W"] / 100
