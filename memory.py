@@ -178,17 +178,35 @@ def build_model(config, dtype=torch.float32, device="cpu", eager=False):
         return auto.from_config(config, dtype=dtype, **kw).eval()
 
 
-def lm_loss(model, ids, amp_dtype=None):
-    """The loss closure: next-token (masked LM: same-token) cross-entropy on every token, in fp32;
-    the forward under autocast when `amp_dtype` is given (FP16 mixed precision)."""
-    labels = ids if model.config.model_type in MLM_TYPES else \
-        torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+LOSSES = ("task", "lm")
 
-    def loss():
-        with torch.autocast(ids.device.type, amp_dtype) if amp_dtype else nullcontext():
-            logits = model(input_ids=ids).logits
+
+def synthetic_loss(model, ids, loss="task", amp_dtype=None):
+    """The loss closure on random tokens `ids` [B, T], fp32; the forward under autocast when
+    `amp_dtype` is given (FP16 mixed precision).
+
+    "task": train.py's loss itself (`tasks.loss`), with the last token of each sequence scored
+    as a one-token answer: the transformer runs on all B×T tokens, the LM head on B positions.
+    "lm": next-token (masked LM: same-token) cross-entropy on every token, the loss of the
+    released code, whose B×T×V logits (and their log-softmax) a 50k vocabulary makes the
+    largest activation of a small model.
+    """
+    import tasks
+    B, T = ids.shape
+    mlm = model.config.model_type in MLM_TYPES
+    labels = ids if mlm else torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    batch = dict(input_ids=ids, attention_mask=None, loss_type="lm",    # no padding: no mask
+                 rows=torch.arange(B, device=ids.device),
+                 cols=torch.full((B,), T - 1, device=ids.device), targets=ids[:, 0])
+
+    def every_token():
+        logits = model(input_ids=ids, use_cache=False).logits   # as train.py: no KV cache
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-    return loss
+
+    def closure():
+        with torch.autocast(ids.device.type, amp_dtype) if amp_dtype else nullcontext():
+            return every_token() if loss == "lm" else tasks.loss(model, batch)
+    return closure
 
 
 # ---- the terms of Tab. 5: |W| and |x_l| counted, |a_l| measured ---------------------------------
@@ -326,10 +344,11 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
     weights = settle(device) - base
     ids = torch.randint(4, config.vocab_size, (batch_size, seq_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
-    t = layer_terms(model, lm_loss(model, ids), params)
-    loss = lm_loss(model, ids, half if backprop else None)
-    row = dict(model=args.model, opt=opt, peft=args.peft, dtype=args.dtype, batch_size=batch_size,
-               seq_len=seq_len, zo_layers=zo_layers, hardware=hardware(device), _terms=t)
+    t = layer_terms(model, synthetic_loss(model, ids, args.loss), params)
+    loss = synthetic_loss(model, ids, args.loss, half if backprop else None)
+    row = dict(model=args.model, opt=opt, peft=args.peft, dtype=args.dtype, loss=args.loss,
+               batch_size=batch_size, seq_len=seq_len, zo_layers=zo_layers,
+               hardware=hardware(device), _terms=t)
     measured, kept, foreach = {}, 0, False
     if device != "meta":
         with torch.no_grad():
@@ -378,10 +397,11 @@ def report(row):
     """One configuration, term by term: the formula, its value, the measurement, the gap."""
     t, top = row["_terms"], lambda v: row["_terms"]["names"][v.index(max(v))]
     hybrid = f" + back-prop, zo_layers {row['zo_layers']}" if row["zo_layers"] is not None else ""
-    print(f"\n{row['model']} | {row['opt']}{hybrid} | {row['peft']} | {row['dtype']} | batch "
-          f"{row['batch_size']}×{row['seq_len']} | {row['hardware']}\n|x| {_size(t['x'])} | "
-          f"max_l |x_l| {_size(max(t['x_l']))} ({top(t['x_l'])}) | |a| {_size(t['a'])} | max_l "
-          f"|a_l| {_size(max(t['a_l']))} ({top(t['a_l'])}) | |W| {_size(t['W'])}\n"
+    print(f"\n{row['model']} | {row['opt']}{hybrid} | {row['peft']} | {row['dtype']} | loss "
+          f"{row['loss']} | batch {row['batch_size']}×{row['seq_len']} | {row['hardware']}\n"
+          f"|x| {_size(t['x'])} | max_l |x_l| {_size(max(t['x_l']))} ({top(t['x_l'])}) | |a| "
+          f"{_size(t['a'])} | max_l |a_l| {_size(max(t['a_l']))} ({top(t['a_l'])}) | |W| "
+          f"{_size(t['W'])}\n"
           f"{'GiB':8} {'Tab. 5':54} {'predicted':>9} {'measured':>9} {'gap':>8}")
     for k, text in zip(TERMS, row["_formula"]):
         p, m = row[f"predicted_{k}"], row[f"measured_{k}"]
@@ -455,6 +475,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--peft", default="ft", help="ft (all weights), or a method of peft.py")
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                     help="16-bit: the weights of ZO (F16), autocast for FO (FP16)")
+    ap.add_argument("--loss", default="task", choices=LOSSES, help="task: train.py's loss, the "
+                    "last token scored; lm: next-token loss on every token (full logits)")
     ap.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up")
@@ -493,6 +515,7 @@ def main(argv=None) -> list[dict]:
     if args.sweep or args.out:
         tags = [name if args.sweep else f"b{args.batch_size}_s{args.seq_len}"] + \
             [args.dtype] * (args.dtype != "fp32") + [args.peft] * (args.peft != "ft") + \
+            [args.loss] * (args.loss != "task") + \
             ["meta"] * (args.device == "meta")
         write(rows, args.out or "results", "_".join([os.path.basename(args.model.rstrip("/")),
               *tags]), name, " ".join(["python memory.py", *argv]))

@@ -234,13 +234,44 @@ def decay_groups(params, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def _tied_grads_in_place(params):
+    """Within the block, every use of a trainable tensor after its first reads an alias leaf.
+
+    A tensor that two modules use (a tied embedding and LM head) gets two gradients, and torch's
+    autograd sums them out of place before storing the sum: three tensor-sized buffers at once,
+    |x_l| more than Tab. 5 counts. An alias shares θ's storage (no copy) but is a leaf of its
+    own; when back-prop has accumulated its gradient (the head's, which arrives first), a hook
+    moves it into θ.grad (taken as is while θ.grad is None, else added in place), and the other
+    gradient is then added in place by autograd itself: two buffers at most, the same sum.
+    """
+    uses = {}
+
+    def move(theta, alias):
+        if theta.grad is None:
+            theta.grad = alias.grad
+        else:
+            theta.grad.add_(alias.grad)
+        alias.grad = None
+
+    def replace(p, i):
+        uses[i] = uses.get(i, 0) + 1
+        if uses[i] == 1:
+            return p
+        alias = p.detach().requires_grad_()
+        alias.register_post_accumulate_grad_hook(lambda a, theta=p: move(theta, a))
+        return alias
+
+    return rge.swapped(params, replace)
+
+
 class BackProp:
     """Mixin turning a torch optimizer into `step(closure) -> float` with a backward inside.
 
     amp=True is mixed precision: the forward runs under autocast, in fp16 on CUDA with a GradScaler
     (the loss is scaled so that small fp16 gradients do not flush to zero, the update is skipped on
     inf/NaN), in bf16 on CPU (no scaler needed: bf16 has fp32's range). The weights, gradients and
-    states keep their dtype, so use it with fp32 weights.
+    states keep their dtype, so use it with fp32 weights. A tensor used twice (tied weights) has
+    its gradients summed in place (`_tied_grads_in_place`).
     """
     forward_passes, projected_grad = 1, None
 
@@ -255,8 +286,10 @@ class BackProp:
         if closure is None:                       # the bare torch update, as GradScaler calls it
             return super().step()
         self.zero_grad(set_to_none=True)
+        params = [p for g in self.param_groups for p in g["params"]]
         with torch.enable_grad():
-            with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp):
+            with _tied_grads_in_place(params), torch.autocast(self.device, dtype=self.amp_dtype,
+                                                              enabled=self.amp):
                 loss = closure()
             self.scaler.scale(loss).backward()
         self.scaler.step(self)                    # unscale, then self.step() unless inf/NaN

@@ -8,8 +8,10 @@ import os
 
 import pytest
 import torch
+from torch.nn.modules.module import register_module_forward_hook
 
 import memory
+from tiny import FAMILIES, tiny_config
 
 GIB, MIB = memory.GIB, 2**20
 # two transformer layers between embeddings and head: |x_l|, |a_l| in bytes, |W| = 100
@@ -111,6 +113,39 @@ def test_saved_activations_of_an_mlp_by_hand(device):
     assert t["W"] == t["x"] == sum(t["x_l"]) and t["a"] == sum(t["a_l"])
     frozen = memory.layer_terms(model, lambda: model(x).pow(2).mean(), [model.head.weight])
     assert frozen["x_l"] == [0, 0, 0, 4 * 16 * 4] and frozen["W"] == t["W"]
+
+
+def _caches(fn):
+    """fn()'s result and the modules whose output carried a KV cache while it ran."""
+    caches = []
+
+    def spot(module, args, out):
+        if getattr(out, "past_key_values", None) is not None:
+            caches.append(type(module).__name__)
+    handle = register_module_forward_hook(spot)
+    try:
+        return fn(), caches
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_synthetic_losses_against_the_models_own_logits(family):
+    """"task" = NLL of the first token as the answer at the last position; "lm" = the model's own
+    `labels=` loss (next token, or same token for a masked LM). Neither keeps a KV cache (two
+    tensors of the hidden size per layer and token), which no training step holds."""
+    torch.manual_seed(0)
+    model = memory.build_model(tiny_config(family, vocab_size=64))
+    ids = torch.randint(4, 64, (3, 7))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        reference, default_caches = _caches(lambda: model(input_ids=ids, labels=ids).loss)
+        (task, lm), caches = _caches(lambda: [memory.synthetic_loss(model, ids, loss)()
+                                              for loss in memory.LOSSES])
+    oracle = -logits[:, -1].log_softmax(-1).gather(1, ids[:, :1]).mean()
+    torch.testing.assert_close(task, oracle, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm, reference, rtol=1e-5, atol=1e-6)
+    assert caches == [] and bool(default_caches) == (family != "roberta")   # the spotter works
 
 
 # ---- the readings on CPU ------------------------------------------------------------------------

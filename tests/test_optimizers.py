@@ -6,9 +6,12 @@ weights really were moved (no functional perturbation), or take ∇f from autogr
     python -m pytest tests/test_optimizers.py -q
 """
 import copy
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import optimizers
 import rge
@@ -281,6 +284,59 @@ def test_fo_sgd_step_matches_autograd():
     params = [p.requires_grad_(True) for p in model.parameters()]
     optimizers.build("fo_sgd", params, lr=0.1).step(loss)
     assert_weights(model, [p0.detach() - 0.1 * g for p0, g in zip(oracle.parameters(), grads)])
+
+
+class LivePeak(TorchDispatchMode):
+    """The peak bytes of the tensors created inside the block and still alive, as it runs."""
+
+    def __enter__(self):
+        self.live, self.now, self.peak = set(), 0, 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}       # views and in-place results: not new
+        for t in tree_flatten(out)[0]:
+            s = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if s is not None and s._cdata not in self.live | inputs:
+                self.live.add(s._cdata)
+                self.now += s.nbytes()
+                weakref.finalize(s, self._free, s._cdata, s.nbytes())
+        self.peak = max(self.peak, self.now)
+        return out
+
+    def _free(self, key, nbytes):
+        self.live.discard(key)
+        self.now -= nbytes
+
+
+@pytest.mark.parametrize("family", ["opt", "roberta", "llama"])
+def test_fo_sums_tied_gradients_in_place_and_exactly(family):
+    """OPT and RoBERTa tie the embedding to the head (LLaMA does not): back-prop gives that tensor
+    two gradients. The step stores their sum bit for bit as autograd does, with one embedding-
+    sized buffer fewer alive at the peak than a plain backward (which adds them out of place)."""
+    model = tiny_model(family, vocab_size=20000)                  # the embedding dominates
+
+    def loss():                              # the head on the last tokens only, as in tasks.py
+        h = model.base_model(input_ids=IDS, use_cache=False).last_hidden_state[:, -1]
+        return model.get_output_embeddings()(h).logsumexp(-1).mean()
+    params = [p.requires_grad_(True) for p in model.parameters()]
+    embedding = model.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight is embedding) == (family != "llama")
+    with LivePeak() as plain:
+        loss().backward()
+    expected = [p.grad for p in params]
+    optimizer = optimizers.build("fo_sgd", params, lr=0.0)
+    with LivePeak() as ours:
+        optimizer.step(loss)
+    for p, g in zip(params, expected):
+        assert p.grad is g is None or torch.equal(p.grad, g)
+    saved = plain.peak - ours.peak
+    if family == "llama":
+        assert abs(saved) < 0.1 * embedding.nbytes
+    else:
+        assert saved == pytest.approx(embedding.nbytes, rel=0.1)
 
 
 def test_fo_adam_two_steps_match_formula():
