@@ -24,8 +24,11 @@ the embeddings (all that runs before the first transformer layer), each layer, t
 loss included). Hybrid ZO-FO (§5, Tab. 7), embeddings and first K layers by ZO, the rest by FO:
 Dynamic = max{Σ_{l>K} max{|a_l|, |x_l|}, max_{l≤K} |x_l|} (K = 0: all FO; K = n: all ZO).
 
-Measured (App. C: LM loss on every token, in fp32, random token ids of the given shape), with an
-optimizer at lr = 0: weights = held after building the model; state = held after a warm-up step
+Measured on random token ids of the given shape, in fp32, with no KV cache and an optimizer at
+lr = 0. The loss is train.py's (`--loss task`: the transformer over every token, the LM head on
+the last one, scored as a one-token answer) or next-token cross-entropy on every token (`--loss
+lm`): its B×T×V logits are the largest activation of a small model, and one that Tab. 5 counts
+for no ZO method. Weights = held after building the model; state = held after a warm-up step
 minus held before the optimizer existed (the first forwards' one-time caches are no state);
 dynamic = peak during a step minus held before it. |x_l| is counted, |a_l| measured, so theory
 and measurement compare term by term; gradients that torch keeps on .grad between steps (|g|)
@@ -449,8 +452,9 @@ def write(rows, out, stem, sweep, command):
         mine = [r for r in table if r["opt"] == label.split(",")[0] and r.get(key) is not None]
         if mine:
             ax.plot([r[sweep] for r in mine], [r[key] for r in mine], style, label=label)
-    ax.set(xlabel=sweep, ylabel="peak memory (GiB)", title=f"{table[0]['model']}, batch "
-           f"{table[0]['batch_size']}, {table[0]['dtype']}: {table[0]['hardware']}")
+    r = table[0]
+    ax.set(xlabel=sweep, ylabel="peak memory (GiB)", title=f"{r['model']}, batch {r['batch_size']}"
+           f", {r['dtype']}, loss {r['loss']}: {r['hardware']}")
     ax.title.set_fontsize(8)
     ax.legend()
     fig.savefig(path + ".png", dpi=120, bbox_inches="tight")

@@ -369,6 +369,7 @@ class Hybrid:
 
     def step(self, closure) -> float:
         loss = self.fo.step(closure)
+        self.fo.zero_grad(set_to_none=True)  # spent: the ZO forwards need no deep-layer gradient
         self.zo.step(closure)
         self.forward_passes = self.fo.forward_passes + self.zo.forward_passes
         self.projected_grad = self.zo.projected_grad
