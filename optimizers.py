@@ -359,7 +359,8 @@ class Hybrid:
     tensor: back-prop stops at layer K+1 and only layers K+1…n keep activations, so the memory
     falls as K grows. One step (Gauss–Seidel over the two parts, like block-wise ZO):
     1) the FO step: one forward at θ_t, whose loss is the step's loss, backward, update of the deep
-       tensors; 2) the ZO step of the shallow tensors, 2q forwards at the updated deep tensors.
+       tensors, whose gradients are then freed; 2) the ZO step of the shallow tensors, 2q forwards
+       at the updated deep tensors.
     FO first, so the logged loss is the unperturbed f(θ_t), as in a pure FO run.
     """
 

@@ -162,7 +162,7 @@ def small_opt(tmp_path_factory):
 
 
 @pytest.mark.skipif(not os.path.exists(memory.CLEAR_REFS), reason="needs Linux /proc")
-def test_cpu_readings_weights_zo_state_and_fo_gradients(small_opt):
+def test_cpu_readings_weights_state_and_dynamic(small_opt):
     zo, fo = memory.main(["--model", small_opt, "--opt", "zo_sgd,fo_sgd", "--device", "cpu",
                           "--batch_size", "2", "--seq_len", "16", "--steps", "1"])
     for row in zo, fo:
@@ -172,6 +172,13 @@ def test_cpu_readings_weights_zo_state_and_fo_gradients(small_opt):
     x = fo["_terms"]["x"] / GIB
     assert fo["predicted_state"] == x                            # .grad of every weight, counted
     assert fo["measured_state"] == pytest.approx(x, rel=0.1)
+    # dynamic: ZO-SGD's is Tab. 5's max_l |x_l| (the embedding's perturbed copy; train.py's loss
+    # has no B×T×V logits); FO-SGD's is Tab. 5's plus one more |x_emb|, torch's dense embedding
+    # gradient added to the tied head's (out of place it would be two more)
+    emb = zo["_terms"]["x_l"][0] / GIB
+    assert zo["predicted_dynamic"] == emb
+    assert abs(zo["measured_dynamic"] - emb) * GIB < 4 * MIB
+    assert fo["measured_dynamic"] - fo["predicted_dynamic"] == pytest.approx(emb, rel=0.1)
 
 
 def test_hybrid_sweep_falls_with_zo_layers_and_is_written(small_opt, tmp_path, capsys):
