@@ -19,10 +19,10 @@ lives through training plus a dynamic allocation that lives only within the step
 those of layer l, |a_l| what autograd saves in layer l's forward for its backward, |a| = Σ_l |a_l|.
 Back-prop holds a_l until layer l's gradient (|x_l| bytes) exists, hence Σ_l max; ZO holds one
 layer's perturbed copy at a time, hence max_l. Forward-Grad's |x| is its stored tangents; ours
-are redrawn per module, so it measures well under its row. FP16 = mixed precision: fp32 weights, 16-bit
-forward (half the activations plus a 16-bit weight copy); F16 = 16-bit weights, for ZO. Layers:
-the embeddings (all that runs before the first transformer layer), each layer, the head (the rest,
-loss included). Hybrid ZO-FO (§5, Tab. 7), embeddings and first K layers by ZO, the rest by FO:
+are redrawn per module, so it measures well under its row. FP16 = mixed precision: fp32 weights,
+16-bit forward (half the activations plus a 16-bit weight copy); F16 = 16-bit weights, for ZO.
+Layers: the embeddings (all that runs before the first transformer layer), each layer, the head
+(the rest, loss included). Hybrid ZO-FO (§5, Tab. 7), embeddings and first K layers by ZO, the rest by FO:
 Dynamic = max{Σ_{l>K} max{|a_l|, |x_l|}, max_{l≤K} |x_l|} (K = 0: all FO; K = n: all ZO).
 
 Measured on random token ids of the given shape, in fp32, with no KV cache and an optimizer at
