@@ -22,15 +22,16 @@ layer's perturbed copy at a time, hence max_l. Forward-Grad's |x| is its stored 
 are redrawn per module, so it measures well under its row. FP16 = mixed precision: fp32 weights,
 16-bit forward (half the activations plus a 16-bit weight copy); F16 = 16-bit weights, for ZO.
 Layers: the embeddings (all that runs before the first transformer layer), each layer, the head
-(the rest, loss included). Hybrid ZO-FO (§5, Tab. 7), embeddings and first K layers by ZO, the rest by FO:
-Dynamic = max{Σ_{l>K} max{|a_l|, |x_l|}, max_{l≤K} |x_l|} (K = 0: all FO; K = n: all ZO).
+(the rest, loss included). Hybrid ZO-FO (§5, Tab. 7), embeddings and first K layers by ZO, the
+rest by FO: Dynamic = max{Σ_{l>K} max{|a_l|, |x_l|}, max_{l≤K} |x_l|} (K = 0: all FO; K = n:
+all ZO).
 
 Measured on random token ids of the given shape, in fp32, with no KV cache and an optimizer at
-lr = 0. The loss is train.py's (`--loss task`: the transformer over every token, the LM head on
-the last one, scored as a one-token answer) or next-token cross-entropy on every token (`--loss
-lm`): its B×T×V logits are the largest activation of a small model, and one that Tab. 5 counts
-for no ZO method. Weights = held after building the model; state = held after a warm-up step
-minus held before the optimizer existed (the first forwards' one-time caches are no state);
+lr 0. The loss does train.py's work (`--loss task`: the transformer over every token, the LM head
+on the last one, scored as a one-token answer) or is next-token cross-entropy on every token
+(`--loss lm`): its B×T×V logits are the largest activation of a small model, and one that Tab. 5
+counts for no ZO method. Weights = held after building the model; state = held after a warm-up
+step minus held before the optimizer existed (the first forwards' one-time caches are no state);
 dynamic = peak during a step minus held before it. |x_l| is counted, |a_l| measured, so theory
 and measurement compare term by term; gradients that torch keeps on .grad between steps (|g|)
 are moved from Tab. 5's dynamic column to the state they are measured in. Readings: CUDA's
@@ -189,27 +190,29 @@ def synthetic_loss(model, ids, loss="task", amp_dtype=None):
     """The loss closure on random tokens `ids` [B, T], fp32; the forward under autocast when
     `amp_dtype` is given (FP16 mixed precision).
 
-    "task": train.py's loss itself (`tasks.loss`), with the last token of each sequence scored
-    as a one-token answer: the transformer runs on all B×T tokens, the LM head on B positions.
-    "lm": next-token (masked LM: same-token) cross-entropy on every token, the loss of the
-    released code, whose B×T×V logits (and their log-softmax) a 50k vocabulary makes the
-    largest activation of a small model.
+    "task": the work of train.py's loss (tasks.loss) for a one-token answer at the last position:
+    the transformer runs on all B×T tokens, the LM head on B positions, log-softmax in fp32.
+    "lm": next-token (masked LM: same-token) cross-entropy on every token, whose B×T×V logits
+    (and their log-softmax) a 50k vocabulary makes the largest activation of a small model.
+    Neither keeps a KV cache, as in training, except on the meta device, where it costs nothing
+    and transformers' mask code needs one not to read token values.
     """
-    import tasks
-    B, T = ids.shape
-    mlm = model.config.model_type in MLM_TYPES
+    mlm, cache = model.config.model_type in MLM_TYPES, ids.device.type == "meta"
     labels = ids if mlm else torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-    batch = dict(input_ids=ids, attention_mask=None, loss_type="lm",    # no padding: no mask
-                 rows=torch.arange(B, device=ids.device),
-                 cols=torch.full((B,), T - 1, device=ids.device), targets=ids[:, 0])
 
     def every_token():
-        logits = model(input_ids=ids, use_cache=False).logits   # as train.py: no KV cache
+        logits = model(input_ids=ids, use_cache=cache).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    def last_token():
+        h = model.base_model(input_ids=ids, use_cache=cache).last_hidden_state
+        h = h[:, [-1]]                          # a copy (as tasks.py's gather), not a view of h
+        logp = model.lm_head(h)[:, 0].float().log_softmax(-1)           # [B, V]
+        return -logp.gather(1, ids[:, :1]).mean()
 
     def closure():
         with torch.autocast(ids.device.type, amp_dtype) if amp_dtype else nullcontext():
-            return every_token() if loss == "lm" else tasks.loss(model, batch)
+            return every_token() if loss == "lm" else last_token()
     return closure
 
 
@@ -480,7 +483,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--peft", default="ft", help="ft (all weights), or a method of peft.py")
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                     help="16-bit: the weights of ZO (F16), autocast for FO (FP16)")
-    ap.add_argument("--loss", default="task", choices=LOSSES, help="task: train.py's loss, the "
+    ap.add_argument("--loss", default="task", choices=LOSSES, help="task: as train.py's loss, the "
                     "last token scored; lm: next-token loss on every token (full logits)")
     ap.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
