@@ -148,6 +148,18 @@ def test_synthetic_losses_against_the_models_own_logits(family):
     assert caches == [] and bool(default_caches) == (family != "roberta")   # the spotter works
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_losses_run_on_the_meta_device(family, tmp_path):
+    """Every family's terms on meta (transformers' mask code must not read token values): what
+    the every-token loss saves beyond the task loss in the head (the logits) grows with T."""
+    tiny_config(family, vocab_size=64).save_pretrained(tmp_path)
+    head = {(loss, T): meta("--model", str(tmp_path), "--opt", "fo_sgd", "--loss", loss,
+                            "--batch_size", "2", "--seq_len", str(T))[0]["_terms"]["a_l"][-1]
+            for loss in memory.LOSSES for T in (8, 16)}
+    extra = {T: head["lm", T] - head["task", T] for T in (8, 16)}
+    assert 0 < extra[8] < extra[16]
+
+
 # ---- the readings on CPU ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
