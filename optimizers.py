@@ -235,16 +235,20 @@ def decay_groups(params, weight_decay):
 
 
 def _tied_grads_in_place(params):
-    """Within the block, every use of a trainable tensor after its first reads an alias leaf.
+    """Within the block, modules after the first to run with a trainable tensor get an alias.
 
     A tensor that two modules use (a tied embedding and LM head) gets two gradients, and torch's
     autograd sums them out of place before storing the sum: three tensor-sized buffers at once,
-    |x_l| more than Tab. 5 counts. An alias shares θ's storage (no copy) but is a leaf of its
-    own; when back-prop has accumulated its gradient (the head's, which arrives first), a hook
-    moves it into θ.grad (taken as is while θ.grad is None, else added in place), and the other
-    gradient is then added in place by autograd itself: two buffers at most, the same sum.
+    one |x_l| more than summing in place. The alias shares θ's storage (no copy) but is a leaf of
+    its own, made once per tensor and step (so autocast casts it once); when back-prop has
+    accumulated its gradient (the head's, which arrives first), a hook moves it into θ.grad (taken
+    as is while θ.grad is None, else added in place), and the other gradient is then added in
+    place by autograd itself: two buffers at most, the same sum. Only reads inside the owning
+    modules' forwards are aliased (as in rge.swapped), frozen tensors never are, several reads of
+    the alias (a module run twice) are summed by autograd as usual, and a hook on θ itself sees
+    the first module's gradient alone.
     """
-    uses = {}
+    aliases, first = {}, set()
 
     def move(theta, alias):
         if theta.grad is None:
@@ -254,12 +258,13 @@ def _tied_grads_in_place(params):
         alias.grad = None
 
     def replace(p, i):
-        uses[i] = uses.get(i, 0) + 1
-        if uses[i] == 1:
+        if i not in first or not p.requires_grad:
+            first.add(i)
             return p
-        alias = p.detach().requires_grad_()
-        alias.register_post_accumulate_grad_hook(lambda a, theta=p: move(theta, a))
-        return alias
+        if i not in aliases:
+            aliases[i] = p.detach().requires_grad_()
+            aliases[i].register_post_accumulate_grad_hook(lambda a, theta=p: move(theta, a))
+        return aliases[i]
 
     return rge.swapped(params, replace)
 

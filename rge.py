@@ -107,8 +107,8 @@ def swapped(params: list[torch.Tensor], replace):
     original; the matching forward hook puts the original back. At most one module's replacements
     are alive at a time (plus the module's activations), so the cost is one tensor, not one model.
     A tensor shared by two modules (tied embeddings) gets the same replacement in both, as long as
-    `replace` depends on (θ_i, i) only. Yields the set of tensor indices that were reached, so
-    callers can tell unused tensors apart.
+    `replace` depends on (θ_i, i) only (optimizers' tied-gradient aliases differ on purpose).
+    Yields the set of tensor indices that were reached, so callers can tell unused tensors apart.
     """
     index = {id(p): i for i, p in enumerate(params)}
     saved = {}    # module -> list of (name, original Parameter), while that module runs

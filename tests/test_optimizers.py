@@ -339,6 +339,43 @@ def test_fo_sums_tied_gradients_in_place_and_exactly(family):
         assert saved == pytest.approx(embedding.nbytes, rel=0.1)
 
 
+class Reused(torch.nn.Module):
+    """A 256×256 weight read by the outer module after `calls` forwards of its inner module, so the
+    outer module's own gradient reaches the weight first."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.inner = torch.nn.Linear(256, 256, bias=False)
+        self.weight, self.calls = self.inner.weight, calls
+        self.bias = torch.nn.Parameter(torch.zeros(256))
+
+    def forward(self, x):
+        for _ in range(self.calls):
+            x = self.inner(x).tanh()
+        return torch.nn.functional.linear(x, self.weight, self.bias).pow(2).mean()
+
+
+@pytest.mark.parametrize("calls, frozen", [(1, False), (2, False), (1, True)])
+def test_fo_reused_weight_gets_autograds_sum_in_place_and_a_frozen_one_none(calls, frozen):
+    """Two reads: the same sum bit for bit, added in place into the outer read's .grad (one
+    weight-sized buffer fewer than autograd); three: the same sum up to the order of addition."""
+    torch.manual_seed(0)
+    model, x = Reused(calls), torch.randn(2, 256)
+    model.weight.requires_grad_(not frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with LivePeak() as plain:
+        expected = torch.autograd.grad(model(x), params)
+    optimizer = optimizers.build("fo_sgd", list(model.parameters()), lr=0.0)
+    with LivePeak() as ours:
+        optimizer.step(lambda: model(x))
+    assert (model.weight.grad is None) == frozen
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=0 if calls == 1 else 1e-5,
+                                   atol=0 if calls == 1 else 1e-9)
+    if calls == 1 and not frozen:
+        assert plain.peak - ours.peak == pytest.approx(model.weight.nbytes, rel=0.1)
+
+
 def test_fo_adam_two_steps_match_formula():
     """FO-Adam = AdamW: Adam on ∇f plus decoupled decay θ ← θ − ηλθ on ≥2-D tensors only."""
     m, v = {}, {}
