@@ -34,6 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
                           AutoTokenizer)
 from transformers.utils import logging as hf_logging
 
+import distributed
 import memory
 import models
 import optimizers
@@ -52,6 +53,8 @@ class Config:
     model: str = opt_field("facebook/opt-1.3b", "hub id or local directory of the model")
     dtype: str = opt_field("fp32", "weight dtype", choices=tuple(models.DTYPES))
     device: str = opt_field(None, "device (default: cuda if available, else cpu)")
+    device_map: str = opt_field(None, "auto: split the model over the visible GPUs (accelerate, "
+                                "no offload); for data parallelism use torchrun instead")
     # task
     task: str = opt_field("sst2", "task", choices=tuple(tasks.TASKS))
     data_dir: str = opt_field(None, "directory with the original data files (default: the hub)")
@@ -143,6 +146,7 @@ def check(cfg: Config) -> Config:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     try:
         variants.check(cfg.opt, **variant(cfg))
+        distributed.check(cfg.opt, cfg.zo_layers, cfg.device_map)
     except ValueError as e:
         raise UserError(str(e)) from e
     if cfg.amp and not issubclass(optimizers.OPTIMIZERS[cfg.opt], optimizers.BackProp):
@@ -184,7 +188,11 @@ def load_model(cfg: Config, device, mlm: bool):
     hf_logging.disable_progress_bar()               # one progress bar on screen: the training one
     auto = AutoModelForMaskedLM if mlm else AutoModelForCausalLM
     kw = {"attn_implementation": "eager"} if cfg.opt == "forward_grad" else {}
-    model = auto.from_pretrained(cfg.model, dtype=models.DTYPES[cfg.dtype], **kw).to(device).eval()
+    if cfg.device_map:
+        kw["device_map"] = cfg.device_map
+    model = auto.from_pretrained(cfg.model, dtype=models.DTYPES[cfg.dtype], **kw)
+    model = (model if cfg.device_map else model.to(device)).eval()
+    distributed.check_dispatch(model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if not tokenizer("a", add_special_tokens=False).input_ids:
         raise UserError(f"--model {cfg.model}: its tokenizer encodes text to nothing "
@@ -221,6 +229,7 @@ def write_json(path, obj):
 @dataclass
 class Run:
     """What setup() prepared: everything the loop needs, all checked."""
+    world: distributed.World  # this process's rank, of how many, and its device
     device: str
     model: torch.nn.Module
     tokenizer: object
@@ -239,19 +248,22 @@ def train(cfg: Config, run: Run) -> dict:
     train_set, dev_set, test_set = run.splits
 
     def evaluate(data):
-        return tasks.evaluate(model, data, batch_size=cfg.eval_batch_size)
+        distributed.check_replicas(params, run.world, f"step {step}")
+        return distributed.evaluate(model, data, run.world, cfg.eval_batch_size)
 
     best = {"dev_accuracy": -1.0, "step": 0, "weights": None}
     peak, step_times, passes = 0, [], 0
-    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "w")
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True)
+    distributed.check_replicas(params, run.world, "start")
+    log = open(os.path.join(cfg.output_dir, "log.jsonl") if run.world.main else os.devnull, "w")
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True,
+               disable=not run.world.main)
     for step in bar:
         batch = tasks.to(run.batches.at(step - 1), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
         memory.reset(device)
         start = time.perf_counter()
-        loss = opt.step(lambda: tasks.loss(model, batch))
+        loss = opt.step(distributed.closure(model, batch, run.world))
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - start)
@@ -263,7 +275,8 @@ def train(cfg: Config, run: Run) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{step_times[-1] * 1e3:.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             dev = evaluate(run.eval_sets[0])["accuracy"]
-            tqdm.write(f"step {step} | dev accuracy {dev:.4f}")
+            if run.world.main:
+                tqdm.write(f"step {step} | dev accuracy {dev:.4f}")
             if dev > best["dev_accuracy"]:
                 keep = cfg.select == "best" and step != cfg.steps
                 best = {"dev_accuracy": dev, "step": step,
@@ -281,7 +294,7 @@ def train(cfg: Config, run: Run) -> dict:
                 peak_memory_gb=peak / memory.GIB, step_time_s=sum(step_times) / len(step_times),
                 forward_passes=passes, trainable_params=sum(p.numel() for p in params),
                 steps=cfg.steps, num_train=len(train_set), num_dev=len(dev_set),
-                num_test=len(test_set), device=str(device))
+                num_test=len(test_set), device=str(device), world_size=run.world.size)
 
 
 def pick_device(cfg: Config) -> str:
@@ -296,9 +309,9 @@ def pick_device(cfg: Config) -> str:
     return device
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config, world: distributed.World) -> Run:
     """Everything that can fail on bad input, before anything is written."""
-    device = pick_device(cfg)
+    device = world.device
     try:
         task, mlm = tasks.get(cfg.task), is_masked_lm(cfg)
         splits = tasks.load(task, cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
@@ -323,22 +336,31 @@ def setup(cfg: Config) -> Run:
         os.makedirs(cfg.output_dir, exist_ok=True)
     except (ValueError, OSError) as e:   # DataError, peft's and the optimizers' checks, files
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, eval_sets, length)
+    if cfg.device_map:
+        device = distributed.input_device(model)
+    return Run(world, device, model, tokenizer, mlm, splits, params, opt, batches, eval_sets,
+               length)
 
 
 def main(cfg: Config) -> dict:
-    """Set up, train, write the outputs; returns result.json's content."""
-    run = setup(cfg)
-    total = sum(p.numel() for p in run.model.parameters())
-    trainable = sum(p.numel() for p in run.params)
-    print(f"{cfg.model} | {cfg.peft} | trainable {trainable:,} of {total:,} parameters "
-          f"({100 * trainable / total:.3f}%) | {run.device} {cfg.dtype}")
-    write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))
-    result = train(cfg, run)
-    if cfg.save:
-        save_weights(cfg, run.model, run.tokenizer)
-    write_json(os.path.join(cfg.output_dir, "result.json"), result)
-    print(json.dumps({k: v for k, v in result.items() if k != "test_metrics"}))
+    """Set up, train, write the outputs (rank 0 alone under torchrun); returns result.json's
+    content."""
+    with distributed.session(pick_device(cfg)) as world:
+        run = setup(cfg, world)
+        total = sum(p.numel() for p in run.model.parameters())
+        trainable = sum(p.numel() for p in run.params)
+        distributed.say(f"{cfg.model} | {cfg.peft} | trainable {trainable:,} of {total:,} "
+                        f"parameters ({100 * trainable / total:.3f}%) | {run.device} {cfg.dtype}"
+                        f" | {world.size} rank(s)")
+        if world.main:
+            write_json(os.path.join(cfg.output_dir, "config.json"),
+                       dataclasses.asdict(cfg) | {"world_size": world.size})
+        result = train(cfg, run)
+    if world.main:
+        if cfg.save:
+            save_weights(cfg, run.model, run.tokenizer)
+        write_json(os.path.join(cfg.output_dir, "result.json"), result)
+        print(json.dumps({k: v for k, v in result.items() if k != "test_metrics"}))
     return result
 
 
@@ -357,13 +379,17 @@ def save_weights(cfg, model, tokenizer):
 
 
 def cli(argv=None):
-    """Entry point: bad input is one line on stderr and exit status 2, no traceback."""
+    """Entry point: bad input is one line on stderr and exit status 2, a run stopped by a
+    non-finite loss or by ranks that disagree is one line and status 1; no traceback."""
     try:
         cfg = parse_args(argv)
         return main(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        distributed.say(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (FloatingPointError, distributed.Diverged) as e:
+        distributed.say(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
