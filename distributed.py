@@ -35,7 +35,8 @@ compared bit for bit, and a difference stops every rank with one line.
 
 Evaluation is sharded too: each rank predicts every N-th example (in order of length), an
 all-reduce SUM of the prediction vector (zeros elsewhere) gives every rank all of them, hence the
-same dev accuracy and the same best-dev decision. Rank 0 alone writes files and prints.
+same dev accuracy and the same best-dev decision. Rank 0 alone writes files (config, log, result,
+checkpoints) and prints; a stop signal seen by any rank stops all of them after the same step.
 
 First-order optimizers, the hybrid and Forward-Grad are refused under torchrun. Back-prop needs
 its gradients all-reduced, which DistributedDataParallel does only for a forward that passes
@@ -47,9 +48,10 @@ does well; this file is about what ZO makes cheap.
 consecutive layers on consecutive GPUs and moves the activations along, so a batch runs one device
 at a time: memory is split, time is not. The perturbation needs nothing more: rge.direction draws
 u on each tensor's own device, the swap hooks replace tensors where they live, and tasks moves its
-index tensors to the device of the last hidden state. Offload to CPU or disk is refused: accelerate's
-hooks then load each weight into the module just before its forward, over the perturbed copy that
-rge put there, so f(θ + μu) = f(θ − μu) and nothing trains.
+index tensors to the device of the last hidden state. Offload to CPU or disk is refused
+(train.check_model): the trainable tensors are then placeholders on the meta device, and
+accelerate's hooks load the real weights into each module just before its forward, over any
+perturbed copy rge put there, so ZO could neither perturb nor update them.
 
 References: torch.distributed (all_reduce, all_gather, torchrun's RANK/WORLD_SIZE/LOCAL_RANK);
 accelerate's big-model inference (dispatch_model, AlignDevicesHook). MeZO (arXiv:2305.17333) gives
@@ -69,14 +71,13 @@ import tasks
 CHECKSUM_SAMPLES = 1024        # entries summed per tensor: cheap, and any drift reaches them
 
 
-class Diverged(RuntimeError):
+class Mismatch(RuntimeError):
     """The ranks' weights differ: they would no longer be one data-parallel run."""
 
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the run: rank of size, and its device."""
-    device: str
+    """This process's place in the run: rank r of size N."""
     rank: int = 0
     size: int = 1
 
@@ -87,8 +88,13 @@ class World:
 
 
 def launched() -> bool:
-    """Started by torchrun (or torch.distributed.run), which sets WORLD_SIZE."""
+    """Started by torchrun (or python -m torch.distributed.run), which sets WORLD_SIZE."""
     return "WORLD_SIZE" in os.environ
+
+
+def world() -> World:
+    """This process's World: from the process group under torchrun, else rank 0 of 1."""
+    return World(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else World()
 
 
 def say(*args, **kw):
@@ -99,8 +105,8 @@ def say(*args, **kw):
 
 # ---- data parallel ------------------------------------------------------------------------------
 
-def check(opt: str, zo_layers, device_map):
-    """Raise ValueError, in one line, for what data parallelism cannot run."""
+def check(opt: str, zo_layers, device_map, device: str):
+    """Raise ValueError, in one line, for what data parallelism (or --device_map) cannot run."""
     if device_map not in (None, "auto"):
         raise ValueError(f"unknown --device_map '{device_map}'; choose from: auto")
     if not launched():
@@ -108,43 +114,42 @@ def check(opt: str, zo_layers, device_map):
     if device_map:
         raise ValueError("--device_map splits one model over the GPUs; under torchrun every rank "
                          "holds the whole model: use one or the other")
+    if torch.device(device).index is not None:
+        raise ValueError(f"--device {device}: under torchrun rank r runs on cuda:LOCAL_RANK; "
+                         "pass --device cuda (or nothing)")
     cls = optimizers.OPTIMIZERS[opt]
-    if not issubclass(cls, optimizers.ZeroOrderOptimizer) or zo_layers is not None \
-            or issubclass(cls, optimizers.FwdGradSGD):
+    rge_only = issubclass(cls, optimizers.ZeroOrderOptimizer) and cls is not optimizers.FwdGradSGD
+    if not rge_only or zo_layers is not None:
         raise ValueError(f"torchrun runs the RGE optimizers (zo_*) data-parallel; {opt}"
                          f"{' with --zo_layers' if zo_layers is not None else ''} needs a "
                          "gradient all-reduce (back-prop or JVP): run it in one process")
 
 
 @contextmanager
-def session(device: str):
-    """The World of this process for the block: under torchrun, a member of its process group
-    (gloo on CPU, NCCL on CUDA with rank r on cuda:LOCAL_RANK), left at the end; else rank 0 of 1.
-    A process that has joined a group already (a test driver) keeps it."""
-    if not launched():
-        yield World(device)
-        return
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    joined = dist.is_initialized()
+def session():
+    """Under torchrun, be a member of its process group for the block (gloo for CPU tensors,
+    NCCL for CUDA ones, each rank's "cuda" being cuda:LOCAL_RANK) and leave it at the end. A
+    process that has joined already (a test driver) keeps its group; without torchrun, nothing."""
+    joined = dist.is_initialized() or not launched()
     if not joined:
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                device_id=torch.device(device) if cuda else None)
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend)
     try:
-        yield World(device, rank, size)
+        yield
     finally:
         if not joined:
             dist.destroy_process_group()
 
 
 def global_mean(sums: torch.Tensor, counts, world: World) -> torch.Tensor:
-    """Σ_ranks sums / Σ_ranks counts, element-wise, from one all-reduce of float64 [sums, counts]."""
+    """Σ_ranks sums / Σ_ranks counts, element-wise, from one all-reduce of float64 [sums, counts]
+    (on the device of `sums`: this rank's GPU under NCCL)."""
     sums = sums.detach().to(torch.float64).reshape(-1)
     counts = torch.as_tensor(counts, dtype=torch.float64, device=sums.device).reshape(-1)
-    terms = torch.cat([sums, counts]).to(world.device)      # NCCL reduces on this rank's GPU
+    terms = torch.cat([sums, counts])
     if world.size > 1:
         dist.all_reduce(terms)
     return terms[:len(sums)] / terms[len(sums):]
@@ -183,38 +188,28 @@ def check_replicas(params, world: World, when: str):
     """Stop every rank, with the same message, unless all ranks' checksums agree bit for bit."""
     if world.size == 1:
         return
-    mine = checksum(params).to(world.device)
+    mine = checksum(params)
     every = [torch.empty_like(mine) for _ in range(world.size)]
-    dist.all_gather(every, mine)
+    dist.all_gather(every, mine)                      # CPU tensors: gloo, even beside NCCL
     bits = [t.view(torch.int64) for t in every]       # NaN compares equal to itself as bits
     odd = [r for r in range(world.size) if not torch.equal(bits[r], bits[0])]
     if odd:
-        raise Diverged(f"{when}: the weights of rank(s) {', '.join(map(str, odd))} differ from "
-                       "rank 0's; every rank needs the same model files, --seed, torch version and "
-                       "GPU model (CUDA's random normals depend on the last two)")
+        raise Mismatch(f"{when}: the weights of rank(s) {', '.join(map(str, odd))} differ from "
+                       "rank 0's; every rank needs the same model files, --seed, torch version "
+                       "and GPU model (CUDA's random normals depend on the last two)")
 
 
-# ---- one model over several GPUs ----------------------------------------------------------------
-
-def offloaded(model) -> list[str]:
-    """Modules whose weights accelerate loads in at each forward (CPU or disk offload)."""
-    names = []
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
-            names.append(name or "the model")
-    return names
-
-
-def check_dispatch(model):
-    """Raise ValueError, in one line, for a model that accelerate offloads to CPU or disk."""
-    names = offloaded(model)
-    if names:
-        raise ValueError(f"{len(names)} module(s) ({', '.join(names[:3])}) are offloaded to CPU "
-                         "or disk; accelerate then loads their weights over the perturbed ones at "
-                         "each forward and ZO trains nothing: use more GPUs or a smaller model")
+def stop_together(stop: list, world: World):
+    """A stop signal seen by any rank stops every rank after the same step: stop gets the
+    largest signal number any rank holds (one all-reduce of one integer per step)."""
+    if world.size == 1:
+        return
+    signum = torch.tensor([stop[0] if stop else 0])
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    if signum.item() and not stop:
+        stop.append(int(signum.item()))
 
 
-def input_device(model) -> torch.device:
-    """Where a batch goes: the device of the input embeddings (the first, under a device map)."""
-    return model.get_input_embeddings().weight.device
+def per_rank(name: str, world: World) -> str:
+    """A file name of rank 0's, or a rank's own copy of it (ranks > 0 write no shared file)."""
+    return name if world.main else f"rank{world.rank}-{name}"

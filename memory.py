@@ -106,6 +106,31 @@ def current_bytes(device="cpu") -> int:
     return _status_kib("VmRSS") * 1024 if os.path.exists(STATUS) else peak_bytes(device)
 
 
+def devices(model) -> list[str]:
+    """The devices that hold the model's weights, e.g. ["cuda:0"] or ["cpu"]."""
+    return sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
+
+
+def reset_peaks(devices: list[str]):
+    """`reset` for every device in the list: the next `peaks` reports the peaks from now on."""
+    for device in devices:
+        reset(device)
+
+
+def peaks(devices: list[str]) -> dict[str, dict[str, int]]:
+    """Peak bytes since `reset_peaks`, per device: allocated (tensors) and reserved (the caching
+    allocator's hold) on CUDA, the resident set's high-water mark on CPU."""
+    out = {}
+    for device in devices:
+        if is_cuda(device):
+            torch.cuda.synchronize(device)
+            out[device] = dict(allocated=torch.cuda.max_memory_allocated(device),
+                               reserved=torch.cuda.max_memory_reserved(device))
+        else:
+            out[device] = dict(resident=peak_bytes(device))
+    return out
+
+
 def measure(fn, device="cpu"):
     """Run fn() as one phase; return (its result, peak bytes, seconds)."""
     reset(device)

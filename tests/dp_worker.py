@@ -21,11 +21,11 @@ import tasks
 import train
 
 
-def save_params(cfg, run):
+def save_params(cfg, run, *args):
     """train.train, then this rank's trainable tensors to OUTPUT_DIR/rank{r}.pt."""
-    result = TRAIN(cfg, run)
+    result = TRAIN(cfg, run, *args)
     torch.save([p.detach().clone() for p in run.params],
-               os.path.join(cfg.output_dir, f"rank{run.world.rank}.pt"))
+               os.path.join(cfg.output_dir, f"rank{dist.get_rank()}.pt"))
     return result
 
 

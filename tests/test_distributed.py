@@ -26,7 +26,6 @@ import accelerate
 import pytest
 import torch
 
-import distributed
 import optimizers
 import rge
 import tasks
@@ -125,8 +124,8 @@ def test_lm_loss_is_the_global_token_mean(launch, opt_dir, tmp_path):
     """COPA's loss averages tokens: the ranks' shares hold different numbers of gold tokens, so
     the mean of the shares' means is far outside the tolerance, while the data-parallel loss
     (checked against one process above) is the global mean Σ sums / Σ counts."""
-    cfg = train.parse_args(run_args(opt_dir, "copa", tmp_path / "out"))
-    run = train.setup(cfg, distributed.World("cpu"))
+    cfg = train.check(train.parse_args(run_args(opt_dir, "copa", tmp_path / "out"))[0])
+    run = train.setup(cfg)
     batch = run.batches.at(0)
     shares = [tasks.shard(batch, r, 2) for r in range(2)]
     assert [len(s["labels"]) for s in shares] == [3, 2]
@@ -165,14 +164,23 @@ def test_a_different_seed_on_one_rank_is_caught(launch):
     (["--opt", "fo_sgd"], "fo_sgd needs a gradient all-reduce"),
     (["--opt", "forward_grad"], "forward_grad"),
     (["--zo_layers", "1"], "with --zo_layers"),
-    (["--device_map", "auto"], "one or the other")])
-def test_what_torchrun_refuses(opt_dir, tmp_path, capsys, monkeypatch, flags, needle):
-    """Under torchrun (WORLD_SIZE set), back-prop, JVPs and a device map are one-line refusals."""
+    (["--device_map", "auto"], "one or the other"),
+    (["--device", "cuda:1"], "cuda:LOCAL_RANK")])
+def test_what_torchrun_refuses(opt_dir, tmp_path, monkeypatch, flags, needle):
+    """Under torchrun (WORLD_SIZE set), back-prop, JVPs, a device map and a fixed GPU are
+    one-line refusals of train.check (which train.cli reports with exit status 2)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit) as exit_info:
-        train.cli(run_args(opt_dir, "sst2", tmp_path / "out", *flags))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "\n" not in err and needle in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # let --device cuda:1 pass
+    cfg = train.parse_args(run_args(opt_dir, "sst2", tmp_path / "out", *flags))[0]
+    with pytest.raises(train.UserError) as info:
+        train.check(cfg)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_device_map_must_be_auto(opt_dir, tmp_path):
+    cfg = train.parse_args(run_args(opt_dir, "sst2", tmp_path / "out", "--device_map", "gpu"))[0]
+    with pytest.raises(train.UserError, match="choose from: auto"):
+        train.check(cfg)
 
 
 # ---- one model through accelerate's dispatch ----------------------------------------------------
@@ -209,7 +217,7 @@ def test_perturbation_reaches_every_tensor_under_accelerate_hooks():
     batch, plain = sst2_batch(), tiny_model("opt")
     hooked = dispatched(copy.deepcopy(plain))
     assert all(hasattr(layer, "_hf_hook") for layer in hooked.model.decoder.layers)
-    assert distributed.offloaded(hooked) == []
+    train.check_model(hooked, "cpu")                          # hooks, but no offload: accepted
     params = list(hooked.parameters())
     with torch.no_grad(), rge.perturbed(params, 7, MU) as reached:
         tasks.loss(hooked, batch)
@@ -225,10 +233,12 @@ def test_perturbation_reaches_every_tensor_under_accelerate_hooks():
 
 
 def test_offload_is_refused_in_one_line():
-    """accelerate's CPU offload (weights loaded into each module at its forward) is refused."""
+    """accelerate's CPU offload (the trainable tensors are meta placeholders, the weights loaded
+    into each module at its forward) is refused in one line."""
     offloaded = accelerate.cpu_offload(tiny_model("opt"), execution_device="cpu")
-    with pytest.raises(ValueError) as info:
-        distributed.check_dispatch(offloaded)
+    assert {p.device.type for p in offloaded.parameters()} == {"meta"}
+    with pytest.raises(train.UserError) as info:
+        train.check_model(offloaded, "cpu")
     assert "offloaded" in str(info.value) and "\n" not in str(info.value)
 
 
