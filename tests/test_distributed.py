@@ -145,8 +145,10 @@ def test_nan_on_one_rank_stops_both_with_one_line(launch):
     proc, root = launch
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0
-    assert errors[-1].startswith("error: rge:") and "nan" in errors[-1], proc.stderr[-2000:]
-    assert not (root / "nan" / "result.json").exists()
+    assert len(errors) == 2 and "differ from rank 0" in errors[0], proc.stderr[-2000:]
+    assert errors[1].startswith("error: diverged at step 2: rge:") and "nan" in errors[1]
+    with open(root / "nan" / "result.json") as f:
+        assert json.load(f)["error"].startswith("diverged: step 2")
 
 
 @pytest.mark.slow
@@ -158,6 +160,7 @@ def test_a_different_seed_on_one_rank_is_caught(launch):
         assert (root / "seed" / f"rank{r}.exit").read_text() == "1"
     errors = [line for line in proc.stderr.splitlines() if "differ from rank 0" in line]
     assert len(errors) == 1 and errors[0].startswith("error: step 2: the weights of rank(s) 1")
+    assert not (root / "seed" / "result.json").exists()
 
 
 @pytest.mark.parametrize("flags, needle", [
