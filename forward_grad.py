@@ -36,7 +36,8 @@ import rge
 
 
 @torch.no_grad()
-def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int) -> tuple[float, float]:
+def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int, *,
+                           allow_unreached=False) -> tuple[float, float]:
     """f(θ) and ∇f(θ)ᵀu(seed), from one forward pass with dual tensors θ_i + ε u_i.
 
     `loss_fn()` returns the scalar loss of the current model. A non-finite ∇fᵀu stops here, before
@@ -50,23 +51,25 @@ def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int) -> tu
         return forward_ad.make_dual(p, rge.direction(p, seed, i))
 
     with forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
-        with rge.swapped(params, dual) as reached:
+        with rge.swapped(params, dual) as reads:
             value, tangent = forward_ad.unpack_dual(loss_fn())
         loss = float(value)
         slope = 0.0 if tangent is None else float(tangent)    # None: no tensor reached the loss
-    rge.warn_unreached(params, reached)
+    rge.check_reached(params, reads, allow_unreached)
     if not math.isfinite(slope):
         raise FloatingPointError(f"forward_grad: the directional derivative ∇fᵀu is {slope} "
                                  "(forward-mode AD overflowed; use fp32 or bf16 weights)")
     return loss, slope
 
 
-def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int]) -> rge.Estimate:
+def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int],
+             allow_unreached=False) -> rge.Estimate:
     """Forward gradient ĝ = (1/q) Σ_j (∇fᵀu_j) u_j (App. A), q = len(seeds): q dual forwards."""
     q = len(seeds)
     losses, projected = [], []
     for seed in seeds:
-        loss, slope = directional_derivative(loss_fn, params, seed)
+        loss, slope = directional_derivative(loss_fn, params, seed,
+                                             allow_unreached=allow_unreached)
         losses.append(loss)
         projected.append(slope)                                    # eq. (1): d_j = ∇fᵀu_j
     return rge.Estimate(sum(losses) / q, list(seeds), projected, forward_passes=q)

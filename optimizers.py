@@ -35,14 +35,54 @@ import forward_grad
 import rge
 import tied_grads
 
+ROUNDINGS = ("stochastic", "nearest")   # how 16-bit weights take a ZO update
+ROUNDING_SEEDS = 1 << 61  # stochastic-rounding generators start here, above u's and the masks'
+SAMPLE = 4096             # entries per tensor sampled for moved_fraction
+
 
 # ---- zeroth order -------------------------------------------------------------------------------
+
+def round_stochastically_(p: torch.Tensor, x: torch.Tensor, generator) -> torch.Tensor:
+    """p ← x (fp32) rounded to p's 16-bit dtype, up or down with probabilities that make the
+    rounding exact in expectation: E[p] = x. Overwrites x.
+
+    Both neighbours of x in bf16 (fp16) share its leading 16 (19) bits, so adding a uniform
+    random integer below 2^k to x's bit pattern and clearing its last k bits (k = 16 for bf16, 13
+    for fp16) rounds x up with probability (x − lower)/(upper − lower). In fp16's subnormal range
+    (|x| < 6.1e-5) the grid is coarser than k bits and the last cast rounds to nearest instead.
+    """
+    k = 16 if p.dtype == torch.bfloat16 else 13
+    bits = x.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << k, x.shape, generator=generator, device=x.device,
+                            dtype=torch.int32)).bitwise_and_(-(1 << k))
+    return p.copy_(x)
+
 
 class ZeroOrderOptimizer(torch.optim.Optimizer):
     """Base of the BP-free optimizers: estimate ĝ from forward passes, then update tensor by tensor.
 
     Seeds come from the optimizer's own generator (never the global RNG), so a run is reproducible
     from `seed` alone and nothing else that draws random numbers changes u.
+
+    The step: `estimate` gives ĝ = Σ_j (d_j/q) u_j as scalars; for each tensor, rge.gradients
+    yields (g, scale) with ĝ_p = scale·g (q = 1: g = u, scale = d), and the method's `update`
+    returns its step as (t, a): θ ← θ + a·t. So ZO-SGD writes θ − (η d)·u in one pass over u,
+    with d folded into the step size. The write (`write`) is the only one to the weights:
+    - a non-finite step size is refused before anything is written (FloatingPointError);
+    - 16-bit weights with rounding="stochastic" (the default) get θ + a·t computed in fp32 and
+      rounded up or down at random, unbiased (`round_stochastically_`, a generator seeded from
+      the step's seed and the tensor index, apart from u's). Rounding to nearest drops every
+      change below half a unit in the last place: with weights ~0.02 and η·d·u ~ 1e-6 that is
+      most of a bf16 step (see docs/speed.md). fp32 weights are written with a plain add;
+    - `moved_fraction`: the share of a fixed sample of entries (up to 4096 per tensor, strided)
+      that the last step changed, for the log.
+
+    Hyper-parameters of every ZO method: lr, mu, q, weight_decay, seed, and
+    - pair (True): evaluate f(θ + μu) and f(θ − μu) in one walk over a doubled batch when the
+      closure supports it (`closure(pair=True)`, see rge.estimate): u is drawn once per query
+      instead of twice, the activations double. pair=False (or a plain closure): two forwards;
+    - rounding ("stochastic" | "nearest"): how 16-bit weights take the update;
+    - allow_unreached (False): let a trainable tensor that no module forward reads pass.
 
     Variants (§5), options of every subclass that overrides only `update`:
     - block-wise ZO (Tab. 6): one param group per block. `step` estimates and updates the groups in
@@ -52,11 +92,19 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
       u ⊙ m; its mask seed is redrawn every "mask_every" steps, and rge.direction draws m from it.
     """
 
-    def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, **defaults):
-        super().__init__(params, dict(lr=lr, mu=mu, q=q, weight_decay=weight_decay, **defaults))
+    def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, *, pair=True,
+                 rounding="stochastic", allow_unreached=False, rule=None):
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        super().__init__(params, dict(lr=lr, mu=mu, q=q, weight_decay=weight_decay, pair=pair,
+                                      rounding=rounding, allow_unreached=allow_unreached,
+                                      **(rule or {})))
         self.seed_stream = torch.Generator().manual_seed(seed)  # draws the seeds
         self.forward_passes = 0       # of the last step, for the log
         self.projected_grad = None    # mean (f+ − f−)/(2μ) of the last step, for the log
+        self.moved_fraction = None    # share of sampled entries the last step changed
+        self.tied = set()             # ids of tensors read more than once per forward (learned)
+        self.rounding_generator = {}  # device → the generator of the stochastic rounding
 
     def next_seed(self) -> int:
         return int(torch.randint(2**40, (1,), generator=self.seed_stream))
@@ -74,32 +122,59 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
     def estimate(self, closure, params, group) -> rge.Estimate:
         mask = self.mask(group)
         seeds = [self.next_seed() for _ in range(group["q"])]
-        return rge.estimate(closure, params, seeds=seeds, mu=group["mu"], mask=mask)
+        tied = {i for i, p in enumerate(params) if id(p) in self.tied}
+        pair = group["pair"] and rge.supports_pair(closure)
+        est = rge.estimate(closure, params, seeds=seeds, mu=group["mu"], mask=mask, pair=pair,
+                           tied=tied, allow_unreached=group["allow_unreached"])
+        self.tied |= {id(params[i]) for i in est.tied}   # from the next forward on: drawn once
+        return est
 
     @torch.no_grad()
     def step(self, closure) -> float:
         losses, projected, self.forward_passes = [], [], 0
+        moved = [0, 0]                                  # sampled entries: changed, all
         for group in self.param_groups:                     # one group per block when block-wise
             est = self.estimate(closure, group["params"], group)
-            for p, g in rge.gradients(est, group["params"]):
+            for i, (p, g, scale) in enumerate(rge.gradients(est, group["params"])):
                 if group["weight_decay"] and p.dim() >= 2:      # decay matrices, not norms/biases
-                    g.add_(p, alpha=group["weight_decay"])
-                self.update(p, g, self.state[p], group)
+                    wide = torch.promote_types(p.dtype, torch.float32)
+                    g = g.to(wide).mul_(scale).add_(p, alpha=group["weight_decay"])
+                    scale = 1.0                                   # ĝ + λθ, formed in fp32
+                t, a = self.update(p, g, scale, self.state[p], group)
+                self.write(p, t, a, group, seed=est.seeds[0], i=i, moved=moved)
             losses.append(est.loss)
             projected.append(sum(est.projected_grads) / len(est.projected_grads))
             self.forward_passes += est.forward_passes
         self.projected_grad = sum(projected) / len(projected)
+        self.moved_fraction = float(moved[0]) / max(moved[1], 1)    # one host sync per step
         return sum(losses) / len(losses)
 
-    def update(self, p, g, state, group):
+    def write(self, p, t, a, group, *, seed, i, moved):
+        """θ ← θ + a·t, the only write to the weights (see the class docstring)."""
+        if not math.isfinite(a):
+            raise FloatingPointError(f"zo: the step size of tensor #{i} {tuple(p.shape)} is {a} "
+                                     "(a diverged estimate); no weight was written")
+        stride = max(1, p.numel() // SAMPLE)
+        before = p.detach().reshape(-1)[::stride][:SAMPLE].clone()
+        if p.dtype in (torch.float16, torch.bfloat16) and group["rounding"] == "stochastic":
+            gen = self.rounding_generator.setdefault(p.device, torch.Generator(p.device))
+            gen.manual_seed(ROUNDING_SEEDS + (seed << rge.SEED_BITS) + i)
+            round_stochastically_(p, p.float().add_(t, alpha=a), gen)
+        else:
+            p.add_(t, alpha=a)
+        moved[0] += (p.detach().reshape(-1)[::stride][:SAMPLE] != before).sum()
+        moved[1] += before.numel()
+
+    def update(self, p, g, scale, state, group) -> tuple[torch.Tensor, float]:
+        """The method's step for tensor p given ĝ_p = scale·g: (t, a) with θ ← θ + a·t."""
         raise NotImplementedError
 
 
 class ZOSGD(ZeroOrderOptimizer):
     """ZO-SGD (MeZO): θ ← θ − η ĝ.  2q forwards per step, no state."""
 
-    def update(self, p, g, state, group):
-        p.add_(g, alpha=-group["lr"])                                  # eq. (2), h(ĝ) = ĝ
+    def update(self, p, g, scale, state, group):
+        return g, -group["lr"] * scale                                 # eq. (2), h(ĝ) = ĝ
 
 
 class ZOSGDSign(ZeroOrderOptimizer):
@@ -114,10 +189,10 @@ class ZOSGDSign(ZeroOrderOptimizer):
     is then the mean sign). Coupled weight decay enters before the sign: sign(ĝ + λθ).
     """
 
-    def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, sign="element"):
+    def __init__(self, params, lr, sign="element", **options):
         if sign not in ("element", "scalar"):
             raise ValueError(f"sign must be 'element' or 'scalar', got {sign!r}")
-        super().__init__(params, lr, mu, q, weight_decay, seed, sign=sign)
+        super().__init__(params, lr, **options, rule=dict(sign=sign))
 
     def estimate(self, closure, params, group):
         est = super().estimate(closure, params, group)
@@ -126,9 +201,10 @@ class ZOSGDSign(ZeroOrderOptimizer):
                                    for d in est.projected_grads]
         return est
 
-    def update(self, p, g, state, group):
-        step = g.sign_() if group["sign"] == "element" else g
-        p.add_(step, alpha=-group["lr"])                               # eq. (2), h = sign
+    def update(self, p, g, scale, state, group):
+        if group["sign"] == "element":                  # sign(scale·g) = sign(scale)·sign(g)
+            return g.sign_(), -group["lr"] * (math.copysign(1.0, scale) if scale else 0.0)
+        return g, -group["lr"] * scale                                 # eq. (2), h = sign
 
 
 class ZOSGDMomentum(ZeroOrderOptimizer):
@@ -137,14 +213,14 @@ class ZOSGDMomentum(ZeroOrderOptimizer):
         m_t = β m_{t−1} + ĝ_t,   θ ← θ − η m_t          (β = momentum, m_0 = 0)
     """
 
-    def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, momentum=0.9):
-        super().__init__(params, lr, mu, q, weight_decay, seed, momentum=momentum)
+    def __init__(self, params, lr, momentum=0.9, **options):
+        super().__init__(params, lr, **options, rule=dict(momentum=momentum))
 
-    def update(self, p, g, state, group):
+    def update(self, p, g, scale, state, group):
         if "momentum_buffer" not in state:      # fp32 even for half weights, where β m + ĝ rounds
             state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-        m = state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-        p.add_(m, alpha=-group["lr"])                    # computed in fp32, rounded once to p
+        m = state["momentum_buffer"].mul_(group["momentum"]).add_(g, alpha=scale)  # in fp32
+        return m, -group["lr"]
 
 
 class ZOSGDCons(ZOSGD):
@@ -160,27 +236,27 @@ class ZOSGDCons(ZOSGD):
     points are compared on f alone, and the paper defines no decayed variant.
     """
 
-    def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0):
+    def __init__(self, params, lr, weight_decay=0.0, **options):
         if weight_decay:
             raise ValueError("zo_sgd_cons compares f at θ and θ ∓ ηĝ; weight decay is not defined")
-        super().__init__(params, lr, mu, q, weight_decay, seed)
+        super().__init__(params, lr, **options)
         self.choice = 0                 # h of the last estimate: 0 keeps θ, ±1 steps to θ ∓ ηĝ
 
     def estimate(self, closure, params, group):
         f = {0: float(closure())}                                        # 1) f(θ)
         est = super().estimate(closure, params, group)                   # 2) ĝ from 2q forwards
         q = len(est.seeds)
+        tied = {i for i, p in enumerate(params) if id(p) in self.tied}
         for h in (1, -1):                                                # 3) f(θ − hηĝ)
             scales = [-h * group["lr"] * d / q for d in est.projected_grads]
-            with rge.perturbed(params, est.seeds, scales, est.mask):
+            with rge.perturbed(params, est.seeds, scales, est.mask, tied):
                 f[h] = float(closure())
         self.choice = min(f, key=f.get)                 # the first minimum: ties keep θ
         est.loss, est.forward_passes = f[0], est.forward_passes + 3
         return est
 
-    def update(self, p, g, state, group):
-        if self.choice:
-            p.add_(g, alpha=-self.choice * group["lr"])                  # θ ∓ ηĝ
+    def update(self, p, g, scale, state, group):
+        return g, -self.choice * group["lr"] * scale                     # θ ∓ ηĝ, or θ
 
 
 class ZOAdam(ZeroOrderOptimizer):
@@ -197,12 +273,11 @@ class ZOAdam(ZeroOrderOptimizer):
     decay is coupled (λθ added to ĝ, as for every ZO method here and torch.optim.Adam).
     """
 
-    def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, beta1=0.9,
-                 beta2=0.999, eps=1e-8, amsgrad=True):
-        super().__init__(params, lr, mu, q, weight_decay, seed, beta1=beta1, beta2=beta2, eps=eps,
-                         amsgrad=amsgrad)
+    def __init__(self, params, lr, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True, **options):
+        super().__init__(params, lr, **options,
+                         rule=dict(beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad))
 
-    def update(self, p, g, state, group):
+    def update(self, p, g, scale, state, group):
         beta1, beta2 = group["beta1"], group["beta2"]
         if not state:                   # fp32 moments: (1 − β2) ĝ² underflows in fp16
             state["step"] = 0
@@ -211,12 +286,12 @@ class ZOAdam(ZeroOrderOptimizer):
                 state[name] = torch.zeros_like(p, dtype=torch.float32)
         state["step"] += 1
         t = state["step"]
-        m = state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-        v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m = state["exp_avg"].mul_(beta1).add_(g, alpha=(1 - beta1) * scale)      # in fp32
+        v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=(1 - beta2) * scale * scale)
         if group["amsgrad"]:
             v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
         denom = v.div(1 - beta2 ** t).sqrt_().add_(group["eps"])
-        p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+        return torch.div(m, denom, out=denom), -group["lr"] / (1 - beta1 ** t)
 
 
 class FwdGradSGD(ZOSGD):
@@ -227,7 +302,8 @@ class FwdGradSGD(ZOSGD):
 
     def estimate(self, closure, params, group):
         seeds = [self.next_seed() for _ in range(group["q"])]
-        return forward_grad.estimate(closure, params, seeds=seeds)
+        return forward_grad.estimate(closure, params, seeds=seeds,
+                                     allow_unreached=group["allow_unreached"])
 
 
 # ---- first order (back-prop) baselines ----------------------------------------------------------

@@ -96,15 +96,15 @@ class Prompt(nn.Module):
         self.embedding = nn.Parameter(embeddings.detach().float().clone())            # N×d
         self.num_tokens = embeddings.shape[0]
 
-    def forward(self, dtype):
-        return self.embedding.to(dtype)
+    def forward(self, batch_size, dtype):
+        return self.embedding.to(dtype).expand(batch_size, -1, -1)
 
     def prepend(self, stack, args, kwargs):
         """Forward pre-hook of the stack: inputs_embeds ← [P; E(x)], mask ← [1…1; mask]."""
         kwargs = _widen(args, kwargs, self.num_tokens)
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs["inputs_embeds"] if ids is None else stack.get_input_embeddings()(ids)
-        prompt = self(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        prompt = self(embeds.shape[0], embeds.dtype)                          # B×N×d
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         return (), kwargs
 

@@ -29,10 +29,11 @@ References: 1) MeZO, Malladi et al. 2023, arXiv:2305.17333. 2) Zhang et al. 2024
 arXiv:2402.11592, §3 and App. A. 3) Nesterov & Spokoiny 2017, Gaussian smoothing.
 Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate (forward_grad.py).
 """
+import inspect
 import math
-import warnings
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.modules.module import (register_module_forward_hook,
@@ -58,6 +59,7 @@ class Estimate:
     projected_grads: list[float]  # d_j = [f(θ+μu_j) − f(θ−μu_j)] / (2μ) ≈ ∇fᵀu_j
     forward_passes: int        # forwards spent on this estimate
     mask: Mask | None = None   # the directions' sparse mask, if any
+    tied: set[int] = field(default_factory=set)  # tensors read more than once in a forward
 
 
 # ---- directions ---------------------------------------------------------------------------------
@@ -99,53 +101,144 @@ def sparsity_ratios(params: list[torch.Tensor], sparsity: float, iters: int = 40
 
 # ---- functional perturbation --------------------------------------------------------------------
 
+class PairError(ValueError):
+    """A module that the paired forward cannot cut in two halves; use the sequential path."""
+
+
+def _batch_size(module, args) -> int:
+    """n, the rows of the doubled batch, from a module call's first argument: a tensor whose
+    first dimension is the batch, or an int batch size (peft's Prefix and Prompt)."""
+    first = args[0] if args else None
+    n = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else first
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise PairError(f"rge: the paired forward cuts a module's batch at its first positional "
+                        f"argument; {type(module).__name__} got {type(first).__name__} there "
+                        "(use the sequential path, pair=False)")
+    if n % 2:
+        raise PairError(f"rge: the paired forward needs an even batch (two halves), "
+                        f"{type(module).__name__} got {n} rows")
+    return n
+
+
+def _halves(values, n):
+    """Two copies of `values` (a tuple or dict of call arguments) with every tensor whose first
+    dimension is n cut into rows :n/2 and n/2:, and the int n (a batch size) halved."""
+    def cut(v, h):
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
+            return v[:n // 2] if h == 0 else v[n // 2:]
+        return n // 2 if v is n else v
+    if isinstance(values, dict):
+        return tuple({k: cut(v, h) for k, v in values.items()} for h in (0, 1))
+    return tuple(tuple(cut(v, h) for v in values) for h in (0, 1))
+
+
+def _join(first, second, n):
+    """The module output of the doubled batch: the two halves' outputs stacked along rows."""
+    if isinstance(first, torch.Tensor):
+        if first.shape[0] == n:                 # a keyword argument carried the whole batch
+            first = first[:n // 2]
+        return torch.cat([first, second])
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join(a, b, n) for a, b in zip(first, second))
+    raise PairError(f"rge: the paired forward joins tensor outputs, not {type(first).__name__}")
+
+
 @contextmanager
-def swapped(params: list[torch.Tensor], replace):
+def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     """Within the block, every module sees `replace(θ_i, i)` instead of its trainable tensor θ_i.
 
     A global forward pre-hook looks at each module about to run; for each of its own parameters
     that is trainable tensor i, it puts the replacement in `module._parameters` and keeps the
-    original; the matching forward hook puts the original back. At most one module's replacements
-    are alive at a time (plus the module's activations), so the cost is one tensor, not one model.
-    A tensor shared by two modules (tied embeddings) gets the same replacement in both, as long as
-    `replace` depends on (θ_i, i) only (optimizers' tied-gradient aliases differ on purpose).
-    Yields the set of tensor indices that were reached, so callers can tell unused tensors apart.
+    original; the matching forward hook puts the original back. A replacement lives while the
+    outermost module that reads it runs (plus the module's activations), so the cost is one
+    module's tensors, not the model's. Tensors in `keep` (indices read more than once per forward:
+    a tied embedding that is also the LM head) are replaced once and kept until the block ends,
+    so both readers see one copy; `replace` is then called once per tensor and block. Without
+    `keep`, `replace` runs at every read (tied_grads.py relies on that for its aliases).
+
+    halves=True is the paired forward: `replace` returns two tensors, and a batch of n rows is
+    two forwards in one walk. The outermost module owning a trainable tensor runs on rows :n/2
+    with the first replacements and again (its `forward`, through the forward hook) on rows n/2:
+    with the second; the modules it calls see the replacement of the half that is running, and
+    its output is the two outputs stacked. Its batch is the first positional argument (a tensor,
+    or an int batch size); tensor arguments and keyword arguments of n rows are cut with it. The
+    owner's rows must be independent (true of linear, embedding, norm and adapter modules); a
+    module with hooks of its own (which its second half would bypass) is refused (PairError).
+
+    Yields a Counter: how many module calls read each tensor index (a paired call counts once).
     """
     index = {id(p): i for i, p in enumerate(params)}
-    saved = {}    # module -> list of (name, original Parameter), while that module runs
-    reached = set()
+    values, reads, frames = {}, Counter(), []   # frames: (module, slots, n, second half's args)
+    half = [None]                  # paired: 0 or 1 while the outermost owner runs that half
+
+    def value(p):
+        i = index[id(p)]
+        v = values.get(i)
+        if v is None:
+            v = replace(p, i)
+            if halves or i in keep:     # a paired owner's second half needs it again
+                values[i] = v
+        return v if half[0] is None else v[half[0]]
+
+    def release():
+        for i in [i for i in values if i not in keep]:
+            del values[i]
 
     def swap_in(module, args):
         slots = [(n, p) for n, p in module._parameters.items() if id(p) in index]
         if not slots:
-            return
-        saved.setdefault(module, []).append(slots)
+            return None
+        n = rest = None
+        if halves and half[0] is None:                  # the outermost owner: cut its batch
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise PairError(f"rge: {type(module).__name__} has forward hooks of its own, "
+                                "which the paired forward's second half would bypass")
+            n = _batch_size(module, args)
+            args, rest = _halves(args, n)
+            half[0] = 0
+        if half[0] != 1:
+            reads.update(index[id(p)] for _, p in slots)
+        frames.append((module, slots, n, rest))
         for name, p in slots:
-            module._parameters[name] = replace(p, index[id(p)])
-            reached.add(index[id(p)])
+            module._parameters[name] = value(p)
+        return args if rest is not None else None
 
-    def swap_out(module, args, output):
-        if saved.get(module):
-            for name, p in saved[module].pop():
-                module._parameters[name] = p
+    def swap_out(module, args, kwargs, output):
+        if not frames or frames[-1][0] is not module:
+            return None
+        _, slots, n, rest = frames[-1]
+        if rest is not None:                            # now the second half
+            half[0] = 1
+            for name, p in slots:
+                module._parameters[name] = value(p)
+            _, second = _halves(kwargs, n)
+            output = _join(output, module.forward(*rest, **second), n)
+            half[0] = None
+        frames.pop()
+        for name, p in slots:
+            module._parameters[name] = p
+        if not frames:
+            release()
+        return output if rest is not None else None
 
-    handles = [register_module_forward_pre_hook(swap_in), register_module_forward_hook(swap_out)]
+    handles = [register_module_forward_pre_hook(swap_in),
+               register_module_forward_hook(swap_out, with_kwargs=True)]
     try:
-        yield reached
+        yield reads
     finally:
         for h in handles:
             h.remove()
-        for module, stack in saved.items():  # a forward that raised never reached its hook
-            for slots in reversed(stack):
-                for name, p in slots:
-                    module._parameters[name] = p
+        for module, slots, _, _ in reversed(frames):   # a forward that raised
+            for name, p in slots:
+                module._parameters[name] = p
+        values.clear()
 
 
 def perturbed(params: list[torch.Tensor], seed: int | list[int], scale: float | list[float],
-              mask: Mask | None = None):
+              mask: Mask | None = None, keep=()):
     """Within the block, every module sees θ_i + Σ_j scale_j·u_i(seed_j) instead of θ_i: one
     direction (the estimate's θ ± μu) or several (ZO-SGD-Cons's candidates θ ∓ ηĝ), each masked
-    by `mask` when the directions are sparse.
+    by `mask` when the directions are sparse. `keep`: as in `swapped`.
     """
     seeds, scales = (seed, scale) if isinstance(seed, list) else ([seed], [scale])
 
@@ -156,50 +249,100 @@ def perturbed(params: list[torch.Tensor], seed: int | list[int], scale: float | 
             out.add_(direction(p, s, i, mask), alpha=a)
         return out
 
-    return swapped(params, replace)
+    return swapped(params, replace, keep=keep)
+
+
+def perturbed_pair(params: list[torch.Tensor], seed: int, mu: float, mask: Mask | None = None,
+                   keep=()):
+    """Within the block, a batch of 2n rows is two forwards in one walk: rows :n see θ + μu and
+    rows n: see θ − μu, with u drawn once per tensor (`swapped` with halves). The two copies are
+    rounded once each, from the same u, exactly as `perturbed` rounds them: the weights the two
+    halves see are bitwise those of two sequential forwards. Cost: one tensor-sized buffer more
+    than `perturbed` while the owning module runs (θ + μu beside θ − μu, which reuses u's buffer).
+    """
+    def replace(p, i):
+        u = direction(p, seed, i, mask)
+        plus = torch.add(p, u, alpha=mu)
+        return plus, torch.add(p, u, alpha=-mu, out=u)
+
+    return swapped(params, replace, keep=keep, halves=True)
 
 
 # ---- the estimate -------------------------------------------------------------------------------
 
-def warn_unreached(params, reached):
-    missed = [i for i in range(len(params)) if i not in reached]
-    if missed:
-        shapes = ", ".join(f"#{i} {tuple(params[i].shape)}" for i in missed[:5])
-        warnings.warn(f"{len(missed)} trainable tensor(s) never entered a module forward during "
-                      f"the loss ({shapes}); they are either unused by the loss or read outside "
-                      "their module, where a functional perturbation cannot reach them")
+def check_reached(params, reads, allow_unreached=False):
+    """A trainable tensor that no module forward read would get c·u from an estimate that never
+    saw it move: an error (ValueError), unless `allow_unreached`."""
+    missed = [i for i in range(len(params)) if not reads[i]]
+    if missed and not allow_unreached:
+        shapes = ", ".join(f"#{i} {tuple(params[i].shape)}" for i in missed[:3])
+        raise ValueError(f"{len(missed)} trainable tensor(s) never entered a module forward during "
+                         f"the loss ({shapes}): a torch.compile'd model or accelerate CPU/disk "
+                         "offload bypasses module forwards, or the tensor is unused or read "
+                         "outside its module; pass allow_unreached=True to train it anyway")
+
+
+def supports_pair(loss_fn) -> bool:
+    """Does `loss_fn` take pair=True (return [f+, f−] of a batch it doubles itself)?"""
+    try:
+        return "pair" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):                     # a builtin without a signature
+        return False
 
 
 @torch.no_grad()
 def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float,
-             mask: Mask | None = None) -> Estimate:
+             mask: Mask | None = None, pair: bool = False, tied=(),
+             allow_unreached: bool = False) -> Estimate:
     """Two-sided RGE (§3, eq. (1)) with q = len(seeds) queries, 2q forward passes.
 
-    `loss_fn()` returns the scalar loss of the current model; it is called inside `perturbed`, so
-    it sees θ ± μu_j without θ ever being written. With a mask, every u_j is masked by it.
+    Sequential (pair=False): `loss_fn()` returns the scalar loss of the current model, called
+    inside `perturbed` at θ + μu_j, then at θ − μu_j: u_j is drawn twice per tensor.
+    Paired (pair=True): `loss_fn(pair=True)` doubles its batch and returns the tensor
+    [f(first half), f(second half)], called once inside `perturbed_pair`: u_j is drawn once, and
+    the two forwards of the batch are one walk over a doubled batch (its activations double).
+    θ is never written. With a mask, every u_j is masked by it. `tied`: indices of tensors read
+    more than once per forward (Estimate.tied of an earlier estimate), perturbed once per forward.
     """
     q = len(seeds)
     losses, projected = [], []
-    for seed in seeds:
-        with perturbed(params, seed, +mu, mask) as reached:
-            f_plus = float(loss_fn())                                 # f(θ + μu_j)
-        with perturbed(params, seed, -mu, mask):
-            f_minus = float(loss_fn())                                # f(θ − μu_j)
-        if not math.isfinite(f_plus + f_minus):       # stop before a NaN reaches the weights
+    for j, seed in enumerate(seeds):
+        if pair:
+            with perturbed_pair(params, seed, mu, mask, tied) as reads:
+                f_plus, f_minus = loss_fn(pair=True).tolist()       # f(θ ± μu_j), one host sync
+        else:
+            with perturbed(params, seed, +mu, mask, tied) as reads:
+                f_plus = float(loss_fn())                             # f(θ + μu_j)
+        if j == 0:
+            check_reached(params, reads, allow_unreached)
+        if not pair:
+            with perturbed(params, seed, -mu, mask, tied):
+                f_minus = float(loss_fn())                            # f(θ − μu_j)
+        d = (f_plus - f_minus) / (2 * mu)                             # eq. (1): d_j
+        if not math.isfinite(f_plus + f_minus + d):       # stop before a NaN reaches the weights
             raise FloatingPointError(f"rge: the loss at θ ± μu is {f_plus}, {f_minus}")
         losses.append((f_plus + f_minus) / 2)
-        projected.append((f_plus - f_minus) / (2 * mu))               # eq. (1): d_j
-    warn_unreached(params, reached)
-    return Estimate(sum(losses) / q, list(seeds), projected, forward_passes=2 * q, mask=mask)
+        projected.append(d)
+    return Estimate(sum(losses) / q, list(seeds), projected, forward_passes=2 * q, mask=mask,
+                    tied={i for i, n in reads.items() if n > 1})
 
 
 def gradients(est: Estimate, params: list[torch.Tensor]):
-    """Yield (p, ĝ_p) one tensor at a time, redrawing u_j from the seeds:
-    ĝ_p = (1/q) Σ_j d_j u_j[p]. Only one tensor-sized buffer is alive at a time.
+    """Yield (p, g, scale) one tensor at a time, ĝ_p = scale · g, redrawing u_j from the seeds.
+
+    q = 1: g = u and scale = d (the update folds d into its step size: no pass over u to scale
+    it, and no d·u formed in the weight dtype, where fp16 overflows once |d| ≳ 1e4).
+    q > 1: g = (1/q) Σ_j d_j u_j, summed in fp32 (at least), and scale 1.
+    Only one tensor-sized buffer is alive at a time.
     """
     q = len(est.seeds)
     for i, p in enumerate(params):
-        g = direction(p, est.seeds[0], i, est.mask).mul_(est.projected_grads[0] / q)
-        for seed, d in zip(est.seeds[1:], est.projected_grads[1:]):
-            g.add_(direction(p, seed, i, est.mask), alpha=d / q)
-        yield p, g
+        if q == 1:
+            yield p, direction(p, est.seeds[0], i, est.mask), est.projected_grads[0]
+            continue
+        d = est.projected_grads
+        wide = torch.promote_types(p.dtype, torch.float32)      # fp32, or fp64 for fp64 weights
+        g = direction(p, est.seeds[0], i, est.mask).to(wide).mul_(d[0] / q)
+        for seed, d_j in zip(est.seeds[1:], d[1:]):
+            g.add_(direction(p, seed, i, est.mask), alpha=d_j / q)
+        yield p, g, 1.0

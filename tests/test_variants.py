@@ -90,8 +90,8 @@ def test_block_estimate_beats_full_rge_at_equal_forwards():
     parts = [ps for _, ps in variants.blocks(model, params)]
     p = len(parts)
 
-    def cosine(pairs):
-        g = {id(t): x for t, x in pairs}
+    def cosine(triples):
+        g = {id(t): s * x for t, x, s in triples}
         return float(torch.nn.functional.cosine_similarity(flat(g[id(t)] for t in params), grad, 0))
 
     full, block = [], []
@@ -100,7 +100,7 @@ def test_block_estimate_beats_full_rge_at_equal_forwards():
         full.append(cosine(rge.gradients(est, params)))
         ests = [rge.estimate(loss, ps, seeds=[10**6 + r * p + b], mu=1e-3)
                 for b, ps in enumerate(parts)]
-        block.append(cosine([pair for e, ps in zip(ests, parts) for pair in rge.gradients(e, ps)]))
+        block.append(cosine([t for e, ps in zip(ests, parts) for t in rge.gradients(e, ps)]))
         assert sum(e.forward_passes for e in ests) == est.forward_passes == 2 * p
     assert sum(block) / 300 > sum(full) / 300 > 0, (sum(block) / 300, sum(full) / 300)
 
@@ -117,8 +117,8 @@ def test_block_step_is_gauss_seidel_with_own_seeds():
     with torch.no_grad():
         for _, ps in variants.blocks(oracle, list(oracle.parameters())):
             seeds = [int(torch.randint(2**40, (1,), generator=stream)) for _ in range(2)]
-            for t, g in rge.gradients(rge.estimate(oracle_loss, ps, seeds=seeds, mu=1e-3), ps):
-                t.add_(g, alpha=-1e-2)
+            for t, g, s in rge.gradients(rge.estimate(oracle_loss, ps, seeds=seeds, mu=1e-3), ps):
+                t.add_(s * g, alpha=-1e-2)
     for p, o in zip(model.parameters(), oracle.parameters()):
         torch.testing.assert_close(p, o, rtol=0, atol=0)
     delta = {n: p.detach() - b for (n, p), b in zip(model.named_parameters(), before)}
