@@ -1,11 +1,12 @@
 """More than one GPU: data-parallel ZO over torch.distributed, and one model split across GPUs.
 
-1. Data parallel: `torchrun --nproc_per_node N train.py ...`. N processes (ranks) each hold the whole
-model; every batch of --batch_size examples (the global batch) is cut into N shares, one per rank.
+1. Data parallel: `torchrun --nproc_per_node N train.py ...`. N processes (ranks) each hold the
+whole model; every batch of --batch_size examples (the global batch) is cut into N shares, one per
+rank.
 
 Why ZO makes this almost free. A ZO step (rge.py) needs only the scalars f(θ ± μu_j) from the data:
-u_j is a function of (seed_j, tensor index) and the seeds come from a generator seeded by --seed, the
-same on every rank. Every rank draws the same u and, given the same scalars, makes the same update,
+u_j is a function of (seed_j, tensor index) and the seeds come from a generator seeded by --seed,
+the same on every rank. Every rank draws the same u and, given the same scalars, makes the same update,
 so no gradient and no weight ever travels. First-order data parallelism all-reduces a gradient of
 |x| bytes every step (2.6 GB for OPT-1.3B in fp16); ZO all-reduces 4 float64 numbers per query.
 
@@ -17,14 +18,15 @@ The mean over the global batch is
 
 not the mean of the ranks' means (1/N) Σ_r S_r / n_r, which weights each term by 1/n_r of its own
 rank: wrong for the token-level LM loss, whose shares hold different numbers of tokens, and for a
-batch that does not split evenly. One all_reduce(SUM) of the float64 vector [S, n] per loss (with
-the paired forward, [S+, n+, S−, n−]: one all-reduce per query) gives every rank the same buffer, bit
-for bit (gloo and NCCL reduce each chunk once and then broadcast it), so the same f and projected
-gradient c = (f+ − f−)/(2μ), and the same update. From a one-process run on the same batch it
-differs only in summation order: each rank sums its terms in fp32, the ranks' sums are added in
-float64, where one process sums all B terms in fp32 (a relative difference of order B·2⁻²⁴, which
-1/(2μ) scales into c). A NaN or inf on one rank poisons the sum on every rank, so rge's finite check
-stops all of them at the same query: no rank is left waiting in an all-reduce the others quit.
+batch that does not split evenly. One all_reduce(SUM) of the float64 vector [S, n] per loss
+(with the paired forward [S+, S−, n+, n−]: one all-reduce per query) gives every rank the same
+buffer, bit for bit (gloo and NCCL reduce each chunk once, then broadcast it), so the same f and
+projected gradient c = (f+ − f−)/(2μ), and the same update. From a one-process run on the same
+batch it differs only in summation order: each rank sums its terms in fp32, the ranks' sums are
+added in float64, where one process sums all B terms in fp32 (a relative difference of order
+B·2⁻²⁴, which 1/(2μ) scales into c). A NaN or inf on one rank poisons the sum on every rank, so
+rge's finite check stops all of them at the same query: no rank is left waiting in an all-reduce
+the others quit.
 
 The checksum. Identical updates need identical u on every rank. torch's CPU generator gives the
 same numbers everywhere, but CUDA's normal kernel depends on the GPU model (its SM count) and the
@@ -105,12 +107,17 @@ def say(*args, **kw):
 
 # ---- data parallel ------------------------------------------------------------------------------
 
-def check(opt: str, zo_layers, device_map, device: str):
+def check(opt: str, zo_layers, device_map, device: str, batch_size: int, num_train: int):
     """Raise ValueError, in one line, for what data parallelism (or --device_map) cannot run."""
     if device_map not in (None, "auto"):
         raise ValueError(f"unknown --device_map '{device_map}'; choose from: auto")
     if not launched():
         return
+    size, tail = int(os.environ["WORLD_SIZE"]), num_train % batch_size
+    if batch_size < size or 0 < tail < size:        # a rank with no example reaches no tensor
+        raise ValueError(f"--batch_size {batch_size} is the global batch; on {size} ranks every "
+                         f"batch needs one example per rank, and with --num_train {num_train} "
+                         f"the last of each epoch has {tail or batch_size}")
     if device_map:
         raise ValueError("--device_map splits one model over the GPUs; under torchrun every rank "
                          "holds the whole model: use one or the other")
@@ -156,16 +163,18 @@ def global_mean(sums: torch.Tensor, counts, world: World) -> torch.Tensor:
 
 
 def closure(model, batch: dict, world: World):
-    """The optimizer's loss closure for a global batch. One process: tasks.loss itself (FO
-    back-propagates through it). Data parallel: this rank's share of the batch, and the global
-    mean of every rank's terms."""
-    if world.size == 1:
-        return lambda: tasks.loss(model, batch)
-    share = tasks.shard(batch, world.rank, world.size)
+    """The optimizer's loss closure for a global batch, in rge's protocol: loss() is f, and
+    loss(pair=True) is [f+, f−] of the paired forward (tasks.loss_terms doubles the batch).
+    One process: sum / count of the batch's terms, in fp32 (FO back-propagates through it).
+    Data parallel: this rank's share of the batch, and the global mean of every rank's terms
+    from one all-reduce ([S, n], or [S+, S−, n+, n−] for a pair)."""
+    share = tasks.shard(batch, world.rank, world.size) if world.size > 1 else batch
 
-    def loss():
-        total, count = tasks.loss_terms(model, share)
-        return global_mean(total, count, world).squeeze(0)
+    def loss(pair=False):
+        total, count = tasks.loss_terms(model, share, pair=pair)
+        if world.size == 1:
+            return total / count
+        return global_mean(total, [count] * total.numel(), world).reshape(total.shape)
     return loss
 
 

@@ -548,22 +548,29 @@ def shard(batch, rank, world) -> dict:
     return part
 
 
-def loss_terms(model, batch) -> tuple[torch.Tensor, int]:
+def loss_terms(model, batch, pair=False) -> tuple[torch.Tensor, int]:
     """(sum, count): the fp32 loss summed over the batch's terms, and how many terms it sums.
 
     "cls": Σ over examples of −log softmax_c s(c)[gold]; count = examples.
     "lm":  Σ over the gold options' tokens of −log p(token); count = those tokens.
     An empty shard gives (0, 0) without running the model.
+    pair=True is rge's paired forward: one forward scores the batch followed by a copy of itself
+    (rge.estimate perturbs the first copy by +μu, the second by −μu), and sum is [the first
+    copy's, the second's]; count is one copy's.
     """
     labels = batch["labels"]
     if len(labels) == 0:
-        return torch.zeros((), device=next(model.parameters()).device), 0
+        return torch.zeros((2,) if pair else (), device=next(model.parameters()).device), 0
+    if pair:
+        batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels = batch["labels"]
     if batch["loss_type"] == "lm":
         logp = _option_logprobs(model, batch)                        # [B, C, K]
         gold = logp[torch.arange(len(labels), device=logp.device), labels.to(logp.device)]
-        return -gold.sum(), batch["count"]                           # gold: [B, K]
+        return (-gold.view(2, -1).sum(-1) if pair else -gold.sum()), batch["count"]  # [B, K]
     scores = _scores(model, batch)                                   # [B, C]
-    return F.cross_entropy(scores, labels.to(scores.device), reduction="sum"), batch["count"]
+    terms = F.cross_entropy(scores, labels.to(scores.device), reduction="none" if pair else "sum")
+    return (terms.view(2, -1).sum(-1) if pair else terms), batch["count"]
 
 
 def loss(model, batch) -> torch.Tensor:

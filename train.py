@@ -226,7 +226,8 @@ def check(cfg: Config) -> Config:
     device = pick_device(cfg)
     try:
         variants.check(cfg.opt, **variant(cfg))
-        distributed.check(cfg.opt, cfg.zo_layers, cfg.device_map, device)
+        distributed.check(cfg.opt, cfg.zo_layers, cfg.device_map, device, cfg.batch_size,
+                          cfg.num_train)
     except ValueError as e:
         raise UserError(str(e)) from e
     cfg = dataclasses.replace(cfg, device=device, dtype=pick_dtype(cfg, device))

@@ -26,6 +26,7 @@ import accelerate
 import pytest
 import torch
 
+import distributed
 import optimizers
 import rge
 import tasks
@@ -186,6 +187,27 @@ def test_device_map_must_be_auto(opt_dir, tmp_path):
         train.check(cfg)
 
 
+def test_paired_closure_matches_two_forwards():
+    """The closure's paired path (tasks.loss_terms(pair=True): the batch and its copy in one
+    forward) gives rge the estimate of two sequential forwards, within the stated tolerance, for
+    the classification loss and the token-level LM loss."""
+    model = tiny_model("opt")
+    params = list(model.parameters())
+    cls = sst2_batch()
+    examples = [tasks.Example("The man fell", [" because he slipped", " so he ran"], 0),
+                tasks.Example("It rained all day", [" so the game was off", " because"], 0)]
+    lm = tasks.batches(real_tokenizer("opt"), "copa", examples, batch_size=2).at(0)
+    for batch in (cls, lm):
+        loss = distributed.closure(model, batch, distributed.World())
+        with torch.no_grad():
+            f, pair = float(loss()), loss(pair=True).tolist()
+        assert all(abs(g - f) <= REL * f for g in pair)
+        one, two = (rge.estimate(loss, params, seeds=[3], mu=MU, pair=p) for p in (True, False))
+        assert abs(one.loss - two.loss) <= REL * two.loss
+        bound = REL * (two.loss + MU * abs(two.projected_grads[0])) / MU
+        assert abs(one.projected_grads[0] - two.projected_grads[0]) <= bound
+
+
 # ---- one model through accelerate's dispatch ----------------------------------------------------
 
 def sst2_batch():
@@ -224,7 +246,7 @@ def test_perturbation_reaches_every_tensor_under_accelerate_hooks():
     params = list(hooked.parameters())
     with torch.no_grad(), rge.perturbed(params, 7, MU) as reached:
         tasks.loss(hooked, batch)
-    assert reached == set(range(len(params)))
+    assert set(reached) == set(range(len(params)))
     estimates = [rge.estimate(lambda m=m: tasks.loss(m, batch), list(m.parameters()), seeds=[7],
                               mu=MU) for m in (plain, hooked)]
     assert estimates[0] == estimates[1] and estimates[0].projected_grads[0] != 0
