@@ -86,8 +86,8 @@ def cpu_name() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/dp", help="folder for dp_scaling.json/.txt")
-    ap.add_argument("--steps", type=int, default=24, help="ZO-SGD steps per run")
-    ap.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
+    ap.add_argument("--steps", type=int, default=12, help="ZO-SGD steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     ap.add_argument("--batch_size", type=int, default=16, help="global batch (examples)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)

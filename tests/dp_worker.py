@@ -8,7 +8,8 @@ time; a process group cannot be joined twice reliably). After a run, each rank s
 tensors to OUTPUT_DIR/rank{r}.pt; a run that stops writes its exit status to OUTPUT_DIR/rank{r}.exit
 instead, except the last run, whose exit ends the process.
 Faults, on rank 1 only: "seed" adds 1 to --seed (the checksum must catch it), "nan" makes the
-loss of its share NaN from the third query on (every rank must stop at that query).
+loss of its share NaN from its third call on (step 3: one call per paired query); every rank must
+stop at that query.
 """
 import json
 import os
@@ -32,8 +33,8 @@ def save_params(cfg, run, *args):
 def nan_from_third(loss_terms):
     calls = [0]
 
-    def poisoned(model, batch):
-        total, count = loss_terms(model, batch)
+    def poisoned(model, batch, **kw):
+        total, count = loss_terms(model, batch, **kw)
         calls[0] += 1
         return (total * float("nan") if calls[0] >= 3 else total), count
     return poisoned

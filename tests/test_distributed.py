@@ -147,9 +147,9 @@ def test_nan_on_one_rank_stops_both_with_one_line(launch):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0
     assert len(errors) == 2 and "differ from rank 0" in errors[0], proc.stderr[-2000:]
-    assert errors[1].startswith("error: diverged at step 2: rge:") and "nan" in errors[1]
+    assert errors[1].startswith("error: diverged at step 3: rge:") and "nan" in errors[1]
     with open(root / "nan" / "result.json") as f:
-        assert json.load(f)["error"].startswith("diverged: step 2")
+        assert json.load(f)["error"].startswith("diverged: step 3")
 
 
 @pytest.mark.slow
