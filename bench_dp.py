@@ -3,10 +3,11 @@
     python bench_dp.py --out results/dp            (needs ../shared/tokenizers; ~5 min on 2 cores)
 
 What to expect (distributed.py): each rank runs the forwards of its share of the batch, so their
-time falls as 1/N; but every rank draws the whole direction u (three passes over the trainable
-tensors per ZO-SGD step) and updates every weight, and that time does not fall at all. Full
-fine-tuning of a model whose batch is small beside its size scales less than LoRA, whose u is tiny.
-The all-reduce itself is 2 × 2 float64 per query here (the sequential forward), negligible.
+time falls as 1/N; but every rank draws the whole direction u (two passes over the trainable
+tensors per ZO-SGD step: one for the paired forward's θ ± μu, one for the update) and updates
+every weight, and that time does not fall at all. Full fine-tuning of a model whose batch is small
+beside its size scales less than LoRA, whose u is tiny. The all-reduce itself, 4 float64 per
+query, is negligible.
 
 A random OPT (4 layers, width 512, the real OPT tokenizer) is saved once; for each scheme (full
 fine-tuning, LoRA) and rank count, `python -m torch.distributed.run --nproc_per_node N train.py`
@@ -114,7 +115,7 @@ def main():
                     note="cores shared with other users' processes while measuring: the load "
                          "average (before, after) says how busy; the ratio is indicative only")
     model_info = dict(family="opt", width=WIDTH, layers=LAYERS, vocab=50272, task="sst2",
-                      batch_size=a.batch_size, opt="zo_sgd", sequential_forward=True)
+                      batch_size=a.batch_size, opt="zo_sgd", forward="paired")
     with open(os.path.join(a.out, "dp_scaling.json"), "w") as f:
         json.dump(dict(hardware=hardware, model=model_info, rows=rows), f, indent=2)
     lines = [f"{'scheme':8}{'ranks':>6}{'median step s':>15}{'tokens/s':>11}{'speedup':>9}"]

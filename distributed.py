@@ -6,9 +6,10 @@ rank.
 
 Why ZO makes this almost free. A ZO step (rge.py) needs only the scalars f(θ ± μu_j) from the data:
 u_j is a function of (seed_j, tensor index) and the seeds come from a generator seeded by --seed,
-the same on every rank. Every rank draws the same u and, given the same scalars, makes the same update,
-so no gradient and no weight ever travels. First-order data parallelism all-reduces a gradient of
-|x| bytes every step (2.6 GB for OPT-1.3B in fp16); ZO all-reduces 4 float64 numbers per query.
+the same on every rank. Every rank draws the same u and, given the same scalars, makes the same
+update, so no gradient and no weight ever travels. First-order data parallelism all-reduces a
+gradient of |x| bytes every step (2.6 GB for OPT-1.3B in fp16); ZO all-reduces 4 float64 numbers
+per query.
 
 The exact global mean. tasks.loss_terms gives a rank's share as (S_r, n_r): the loss summed over its
 terms and how many there are (examples for the classification loss, gold tokens for the LM loss).
@@ -219,6 +220,7 @@ def stop_together(stop: list, world: World):
         stop.append(int(signum.item()))
 
 
-def per_rank(name: str, world: World) -> str:
-    """A file name of rank 0's, or a rank's own copy of it (ranks > 0 write no shared file)."""
-    return name if world.main else f"rank{world.rank}-{name}"
+def per_rank(name: str) -> str:
+    """A file name of rank 0's, or this rank's own copy of it (ranks > 0 write no shared file)."""
+    rank = world().rank
+    return f"rank{rank}-{name}" if rank else name

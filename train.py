@@ -31,10 +31,15 @@ Precision: --dtype auto (the default) is bf16 on CUDA where supported (else fp16
 Weights load straight onto the device. --amp (FO mixed precision) needs fp32 weights.
 
 Exit status: 0 done; 2 bad input (one line, before anything is written); 1 a non-finite loss or
-update (one line; nothing non-finite is saved; result.json says why); 130/143 interrupted.
+update (one line; nothing non-finite is saved; result.json says why), or data-parallel ranks
+whose weights differ; 130/143 interrupted.
+
+More than one GPU (distributed.py): `torchrun --nproc_per_node N train.py ...` runs ZO data-parallel
+(--batch_size is the global batch; rank 0 writes); --device_map auto splits one model over GPUs.
 
 Not here: estimators (rge.py, forward_grad.py), update rules (optimizers.py), adapters (peft.py),
-data, templates and losses (tasks.py), memory readings (memory.py), checkpoints (checkpoint.py).
+data, templates and losses (tasks.py), memory readings (memory.py), checkpoints (checkpoint.py),
+data parallelism and device maps (distributed.py).
 """
 import argparse
 import dataclasses
@@ -444,7 +449,7 @@ def copy_best(cfg: Config, run: Run):
     always), else best.safetensors in the output directory (its path)."""
     if cfg.peft != "ft" or fits_on_device(cfg.device, sum(p.nbytes for p in run.params)):
         return [p.detach().clone() for p in run.params]
-    path = os.path.join(cfg.output_dir, distributed.per_rank(checkpoint.BEST, distributed.world()))
+    path = os.path.join(cfg.output_dir, distributed.per_rank(checkpoint.BEST))
     checkpoint.write_tensors(dict(zip(run.names, run.params)), path)
     return path
 
@@ -489,8 +494,7 @@ def restore(cfg: Config, run: Run, path: str):
             saved = load_file(best_file, device=str(cfg.device))
             best = [saved[n] for n in run.names]
         else:
-            best = os.path.join(cfg.output_dir,
-                                distributed.per_rank(checkpoint.BEST, distributed.world()))
+            best = os.path.join(cfg.output_dir, distributed.per_rank(checkpoint.BEST))
             shutil.copyfile(best_file, best + ".tmp")
             os.replace(best + ".tmp", best)
     elif cfg.select == "best" and progress.best_step == progress.step < cfg.steps:
