@@ -1,6 +1,6 @@
 """Data-parallel ZO scaling on CPU: train.py on 1 and on 2 ranks under torchrun, tokens per second.
 
-    python bench_dp.py --out results/dp            (needs ../shared/tokenizers; ~5 min on 2 cores)
+    python bench_dp.py --out results/dp            (needs ../shared/tokenizers; ~10 min on 2 cores)
 
 What to expect (distributed.py): each rank runs the forwards of its share of the batch, so their
 time falls as 1/N; but every rank draws the whole direction u (two passes over the trainable
@@ -9,15 +9,17 @@ every weight, and that time does not fall at all. Full fine-tuning of a model wh
 beside its size scales less than LoRA, whose u is tiny. The all-reduce itself, 4 float64 per
 query, is negligible.
 
-A random OPT (4 layers, width 512, the real OPT tokenizer) is saved once; for each scheme (full
-fine-tuning, LoRA) and rank count, `python -m torch.distributed.run --nproc_per_node N train.py`
-trains --steps ZO-SGD steps on SST-2 from ../shared/data with one thread per rank
-(OMP_NUM_THREADS=1). Tokens per step = the non-padding tokens of the global batch (the same
+A random OPT (4 layers, width 512, the real OPT tokenizer) is saved once; in each of --repeats
+rounds, for each scheme (full fine-tuning, LoRA), `python -m torch.distributed.run
+--nproc_per_node N train.py` trains --steps ZO-SGD steps on SST-2 from ../shared/data with N = 1,
+then 2, one thread per rank (OMP_NUM_THREADS=1); the speed-up compares the two runs of one round,
+side by side in time. Tokens per step = the non-padding tokens of the global batch (the same
 batches on 1 and 2 ranks); time = log.jsonl's step times after --warmup steps. Written to
 --out: dp_scaling.json and dp_scaling.txt, with the CPU, the core count and the load average,
 because on a shared machine the other processes' load changes the ratio.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -90,25 +92,27 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="ZO-SGD steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     ap.add_argument("--batch_size", type=int, default=16, help="global batch (examples)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of 1 then 2 ranks per scheme")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     rows, load = [], [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "opt")
         save_model(model)
-        for scheme in SCHEMES:
-            tokens = tokens_per_step(train_args(model, os.path.join(tmp, "probe"), a.steps,
-                                                a.batch_size, scheme), a.steps)[a.warmup:]
-            for ranks in (1, 2):
-                out = os.path.join(tmp, f"{scheme}-{ranks}")
-                times = launch(ranks, train_args(model, out, a.steps, a.batch_size,
-                                                 scheme))[a.warmup:]
-                rows.append(dict(scheme=scheme, ranks=ranks, steps_timed=len(times),
-                                 median_step_s=statistics.median(times),
-                                 tokens_per_s=sum(tokens) / sum(times)))
+        tokens = {scheme: tokens_per_step(train_args(model, os.path.join(tmp, f"probe-{scheme}"),
+                                                     a.steps, a.batch_size, scheme),
+                                          a.steps)[a.warmup:] for scheme in SCHEMES}
+        for repeat, scheme, ranks in itertools.product(range(a.repeats), SCHEMES, (1, 2)):
+            out = os.path.join(tmp, f"{scheme}-{ranks}-{repeat}")
+            times = launch(ranks, train_args(model, out, a.steps, a.batch_size,
+                                             scheme))[a.warmup:]
+            rows.append(dict(repeat=repeat, scheme=scheme, ranks=ranks, steps_timed=len(times),
+                             median_step_s=statistics.median(times),
+                             tokens_per_s=sum(tokens[scheme]) / sum(times)))
         load.append(os.getloadavg()[0])
-    for row in rows:
-        one = next(r for r in rows if r["scheme"] == row["scheme"] and r["ranks"] == 1)
+    for row in rows:                     # against 1 rank of the same round, run just before
+        one = next(r for r in rows if (r["repeat"], r["scheme"], r["ranks"]) ==
+                   (row["repeat"], row["scheme"], 1))
         row["speedup"] = row["tokens_per_s"] / one["tokens_per_s"]
     hardware = dict(cpu=cpu_name(), cores=os.cpu_count(), threads_per_rank=1,
                     load_average_1min=load, torch=torch.__version__,
@@ -118,8 +122,9 @@ def main():
                       batch_size=a.batch_size, opt="zo_sgd", forward="paired")
     with open(os.path.join(a.out, "dp_scaling.json"), "w") as f:
         json.dump(dict(hardware=hardware, model=model_info, rows=rows), f, indent=2)
-    lines = [f"{'scheme':8}{'ranks':>6}{'median step s':>15}{'tokens/s':>11}{'speedup':>9}"]
-    lines += [f"{r['scheme']:8}{r['ranks']:>6}{r['median_step_s']:>15.3f}"
+    lines = [f"{'round':>5}  {'scheme':8}{'ranks':>6}{'median step s':>15}{'tokens/s':>11}"
+             f"{'speedup':>9}"]
+    lines += [f"{r['repeat']:>5}  {r['scheme']:8}{r['ranks']:>6}{r['median_step_s']:>15.3f}"
               f"{r['tokens_per_s']:>11.0f}{r['speedup']:>9.2f}" for r in rows]
     lines += ["", f"{hardware['cpu']}, {hardware['cores']} cores, 1 thread per rank, torch "
               f"{hardware['torch']}; load average {load[0]:.1f} before, {load[1]:.1f} after",
