@@ -21,13 +21,14 @@ The project computes the same step without writing θ for the forwards (rge.py, 
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 STEPS, BATCH, LR, MU = 3000, 64, 4e-3, 1e-3
 torch.manual_seed(0)
 
 
 def mlp(width):
-    return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 3))
 
 
 # The task: 8-d Gaussian points in 3 classes, labelled by a random "teacher" network (its logits
@@ -54,6 +55,7 @@ def perturb(seed, scale):
 
 @torch.no_grad()
 def zo_sgd_step(x, y):
+    """One ZO-SGD step on the batch (x, y): both losses on the same batch, as a slope needs."""
     seed = int(torch.randint(2**62, (1,)))     # the whole perturbation, in one integer
     perturb(seed, +MU)
     f_plus = loss(x, y)                        # f(θ + μz)
@@ -67,7 +69,7 @@ def zo_sgd_step(x, y):
 @torch.no_grad()
 def report(step):
     accuracy = (model(x_test).argmax(1) == y_test).float().mean()
-    print(f"step {step:5d}   train loss {loss(x_train, y_train):.4f}   test accuracy {accuracy:.3f}")
+    print(f"step {step:5d}  train loss {loss(x_train, y_train):.4f}  test accuracy {accuracy:.3f}")
 
 
 report(0)
