@@ -257,6 +257,11 @@ fig.tight_layout()
 fig.savefig(FIGURES / "zo_vs_fo.png", dpi=120)
 
 # %% [markdown]
+# Per step, sixteen queries help a lot. Per forward pass they help nothing: averaging q directions
+# in one step does about what q steps of one direction do. And back-prop stays ahead even when
+# its backward is counted: on a model this small, ZO buys memory, not speed.
+
+# %% [markdown]
 # ## 4. Memory: what a ZO step does not keep
 #
 # The paper's memory model (Tab. 5, App. C) splits the peak of a training step into
