@@ -96,9 +96,9 @@ for dim in dims:
 # A small classifier: points in 16 dimensions, four classes given by a random "teacher" network,
 # and a student MLP of d ≈ 1,300 weights. The true gradient comes from autograd; the estimate
 # from `rge.estimate`, which evaluates f(θ ± μu_j) *functionally* (θ is never written) and
-# returns an `Estimate`: the loss, the seeds and one scalar per direction. `rge.gradients`
-# redraws each u_j from its seed and yields ĝ one tensor at a time, the way the optimizers
-# consume it.
+# returns an `Estimate`: the loss, the seeds, and one number per direction, the projected
+# gradient d_j = [f(θ + μu_j) − f(θ − μu_j)]/(2μ). `rge.gradients` redraws each u_j from its seed
+# and yields ĝ = (1/q) Σ_j d_j u_j one tensor at a time, the way the optimizers consume it.
 
 # %%
 def mlp(inputs, width, outputs, dtype=torch.float32):

@@ -5,10 +5,10 @@ with q = 1) and takes an SGD step with it (eq. (2), h(ĝ) = ĝ):
 
     g = [f(θ + μz) − f(θ − μz)] / (2μ),   z ~ N(0, I);      θ ← θ − η g z.
 
-g is one number, the slope of the loss along z; its expectation over z is ∇f (eq. (1)). MeZO
-(Malladi et al. 2023, arXiv:2305.17333, Alg. 1) never stores z: it keeps the seed z was drawn
-from and regenerates z, tensor by tensor, whenever it needs it. One step, one seed, θ written in
-place four times:
+g is one number, the slope of the loss along z, and g z is ∇f on average over z (eq. (1)).
+MeZO (Malladi et al. 2023, arXiv:2305.17333, Alg. 1) never stores z: it keeps the seed z was
+drawn from and regenerates z, tensor by tensor, whenever it needs it. One step, one seed, θ
+written in place four times:
 
     θ += μz;  f+ = f(θ);   θ −= 2μz;  f− = f(θ);   θ += μz (back to θ);   θ −= η g z.
 
