@@ -457,6 +457,7 @@ def load_weights(run: Run, weights):
 
 
 def save_checkpoint(cfg, run, progress, best, log) -> str:
+    """checkpoint.save of the run after progress.step steps, the log flushed to disk first."""
     log.flush()
     os.fsync(log.fileno())
     progress.log_bytes = log.tell()
@@ -465,8 +466,8 @@ def save_checkpoint(cfg, run, progress, best, log) -> str:
     state = dict(progress=dataclasses.asdict(progress), config=dataclasses.asdict(cfg),
                  fingerprint=checkpoint.fingerprint(cfg.device))
     best = dict(zip(run.names, best)) if isinstance(best, list) else best
-    return checkpoint.save(cfg.output_dir, progress.step, state, dict(zip(run.names, run.params)), best,
-                           parts(run.opt))
+    return checkpoint.save(cfg.output_dir, progress.step, state,
+                           dict(zip(run.names, run.params)), best, parts(run.opt))
 
 
 def restore(cfg: Config, run: Run, path: str):

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import checkpoint
 import train
-from tiny import DATA, needs_shared, save_tiny
+from test_train import opt_dir, small_run  # noqa: F401  (opt_dir: a fixture)
+from tiny import needs_shared
 
 pytestmark = needs_shared
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,16 +45,11 @@ RUNS = {   # issue 13's four: full ZO-SGD, ZO-Adam with LoRA, sparse masks redra
 }
 
 
-@pytest.fixture(scope="module")
-def opt_dir(tmp_path_factory):
-    return save_tiny("opt", str(tmp_path_factory.mktemp("tiny-opt")))
-
-
 def args(model, out, *extra):
-    return ["--model", model, "--task", "sst2", "--data_dir", os.path.join(DATA, "sst2"),
-            "--num_train", "24", "--num_dev", "8", "--num_eval", "8", "--batch_size", "4",
-            "--eval_every", "3", "--steps", str(STEPS), "--checkpoint_every", str(EVERY),
-            "--device", "cpu", "--save", "--output_dir", str(out), *extra]
+    """small_run's, shorter, checkpointed every EVERY steps, saving the selected weights."""
+    return small_run(model, out, "--num_train", "24", "--num_dev", "8", "--num_eval", "8",
+                     "--eval_every", "3", "--steps", str(STEPS), "--checkpoint_every",
+                     str(EVERY), "--save", *extra)
 
 
 def run(*argv, code=None):
