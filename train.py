@@ -64,7 +64,8 @@ import tasks
 import variants
 
 # what a resumed run may change: none of it changes the numbers of the steps already taken
-RESUMABLE = ("steps", "eval_every", "checkpoint_every", "save", "output_dir", "resume")
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "save", "output_dir", "resume",
+             "overwrite")
 # integer flags that must be at least 1
 POSITIVE = ("steps", "batch_size", "q", "eval_every", "eval_batch_size", "mask_every", "lora_r",
             "num_prefix", "num_virtual_tokens", "num_train", "num_dev", "num_eval",
@@ -271,8 +272,9 @@ def resumed(cfg: Config, given: set) -> tuple[Config, str]:
         raise UserError(f"--resume {out}: no checkpoint there (it stopped before its first)")
     with open(os.path.join(out, "config.json")) as f:
         saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
-    new = check(Config(**saved | {k: getattr(cfg, k) for k in given} | dict(output_dir=out,
-                                                                              resume=out)))
+    here = {k: getattr(cfg, k) for k in given} | dict(output_dir=out, resume=out,
+                                                      overwrite=cfg.overwrite)
+    new = check(Config(**saved | here))
     linear = new.lr_schedule != "constant"           # its lr depends on --steps
     fixed = [k for k in saved if k not in RESUMABLE or k == "steps" and linear]
     changed = [f"--{k} {getattr(new, k)} (the run has {saved[k]})" for k in fixed
@@ -679,7 +681,7 @@ def cli(argv=None):
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("interrupted (no checkpoint at this point)", file=sys.stderr)
+        print("interrupted (nothing written since the last checkpoint, if any)", file=sys.stderr)
         sys.exit(130)
 
 

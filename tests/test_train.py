@@ -276,6 +276,7 @@ def test_output_dir_is_refused_when_taken_or_read_only(opt_dir, tmp_path, capsys
     (out / "config.json").write_text("{}")
     train.cli(keyword_run(opt_dir, data, out, "--overwrite", "--steps", "1"))
     assert not (out / "notes.txt").exists() and (out / "result.json").exists()
+    assert train.cli(["--resume", str(out)])["steps"] == 1       # --overwrite is not carried
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     if os.geteuid() == 0:
