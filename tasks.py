@@ -20,17 +20,18 @@ K = the longest option of the batch in tokens):
     scored                     [B, C, K]  bool: False past the end of a shorter option (padding)
 The LM head runs on the B·C·K gathered hidden states only, never on all T positions, and
 log-softmax is taken in fp32 even for fp16/bf16 weights (DESIGN §2). The score is then a masked
-mean, s = Σ_k log p · scored / Σ_k scored → [B, C]: no scatter, so it is the same number on every
-run on CUDA (the index_add_ segment sum it replaces added with atomics, in a varying order, and
-1/(2μ) in the ZO estimate amplifies that last-bit jitter).
+mean, s = Σ_k log p · scored / Σ_k scored → [B, C], with no scatter: the scoring adds no atomics
+on CUDA (the index_add_ segment sum it replaces did, summing in a varying order, and 1/(2μ) in the
+ZO estimate amplifies such last-bit jitter), so the same batch gives the same scores every run.
 
 Data parallelism: loss_terms returns the loss as (sum, count), count = the examples ("cls") or
 gold tokens ("lm") summed, so ranks that each score a shard of a batch get the exact global mean
 Σ sum / Σ count. A mean of the shards' means is not it for the LM loss: shards hold different
-numbers of tokens. Resuming: training batch k is a function of (seed, k), never of a live
-iterator's history; epoch e's order is a permutation drawn from np.random.default_rng([seed, e]).
-Evaluation encodes a split once, batches it in order of length (less padding) and copies the
-predictions to the host once, at the end.
+numbers of tokens. Evaluation shards too: predict(shard=(rank, world)) fills its share of the
+predictions, and a sum over the ranks completes them. Resuming: training batch k is a function of
+(seed, k), never of a live iterator's history; epoch e's order is a permutation drawn from
+np.random.default_rng([seed, e]). Evaluation encodes a split once, batches it in order of length
+(less padding) and copies the predictions to the host once, at the end.
 
 Task alignment (paper §3, Tab. 1): aligned templates turn each task into next-token prediction;
 --no_align (align=False) keeps only the bare input followed by the verbalizer. Causal wording is
@@ -539,7 +540,8 @@ def to(batch, device) -> dict:
 
 def shard(batch, rank, world) -> dict:
     """Rank's share of a training batch's examples, as np.array_split cuts B into `world` parts:
-    the first B mod world ranks take one example more; a rank gets none only when B < world."""
+    the first B mod world ranks take one example more; a rank gets none only when B < world.
+    The share's count is its own (loss_terms)."""
     sizes = [len(part) for part in np.array_split(range(len(batch["labels"])), world)]
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
@@ -557,11 +559,12 @@ def loss_terms(model, batch) -> tuple[torch.Tensor, int]:
     """
     labels = batch["labels"]
     if len(labels) == 0:
-        return torch.zeros((), device=next(model.parameters()).device), 0
+        return torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device), 0
     if batch["loss_type"] == "lm":
         logp = _option_logprobs(model, batch)                        # [B, C, K]
-        gold = logp[torch.arange(len(labels), device=logp.device), labels.to(logp.device)]
-        return -gold.sum(), batch["count"]                           # gold: [B, K]
+        example = torch.arange(len(labels), device=logp.device)
+        gold = logp[example, labels.to(logp.device)]                 # [B, K], 0 past the option
+        return -gold.sum(), batch["count"]
     scores = _scores(model, batch)                                   # [B, C]
     return F.cross_entropy(scores, labels.to(scores.device), reduction="sum"), batch["count"]
 
