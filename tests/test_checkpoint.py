@@ -207,9 +207,10 @@ def test_checkpoint_keeps_fp32_moments_of_half_weights(tmp_path):
     """torch's load_state_dict casts state to the weight dtype; ZO-Adam's fp32 moments of bf16
     weights come back fp32 and bitwise, with the seed stream's state."""
     import optimizers
-    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    layer = torch.nn.Linear(3, 4, bias=False, dtype=torch.bfloat16)
+    w, x = layer.weight, torch.randn(2, 3, dtype=torch.bfloat16)
     opt = optimizers.ZOAdam([w], lr=1e-3, seed=3)
-    opt.step(lambda: (w.float() ** 2).sum())
+    opt.step(lambda: layer(x).float().pow(2).sum())
     path = checkpoint.save(str(tmp_path), 1, dict(step=1), {"w": w}, None, [opt])
     fresh = optimizers.ZOAdam([torch.nn.Parameter(w.detach().clone())], lr=1e-3, seed=0)
     weights, best = checkpoint.load(path, [fresh], "cpu")
