@@ -36,9 +36,11 @@ dynamic = peak during a step minus held before it. |x_l| is counted, |a_l| measu
 and measurement compare term by term; gradients that torch keeps on .grad between steps (|g|)
 are moved from Tab. 5's dynamic column to the state they are measured in. Readings: CUDA's
 allocator statistics; on CPU the resident set VmRSS and its high-water mark VmHWM (reset through
-/proc/self/clear_refs). For RSS to follow the tensors, the modelling code runs once on the meta
-device before the baseline (its imports are ~100 MB), and glibc is told to mmap every block above
-64 KiB, so that freed activations leave the resident set instead of staying in malloc's heap.
+/proc/self/clear_refs; a reset and a read cost ~0.03 ms); `peaks` reads every device the
+model uses (CUDA: allocated and reserved), as train.py records them. For RSS to follow the
+tensors, the modelling code runs once on the meta device before the baseline (its imports are
+~100 MB), and glibc is told to mmap every block above 64 KiB, so that freed activations leave
+the resident set instead of staying in malloc's heap.
 
 The measurement itself (synthetic batches, the paper's model shapes, sweeps, tables and plots)
 is bench_memory.py: `python bench_memory.py --model opt-125m --opt zo_sgd,fo_sgd`.

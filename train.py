@@ -70,7 +70,8 @@ import tasks
 import variants
 
 # what a resumed run may change: none of it changes the numbers of the steps already taken
-RESUMABLE = ("steps", "eval_every", "checkpoint_every", "save", "output_dir", "resume")
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "save", "output_dir", "resume",
+             "overwrite")
 # integer flags that must be at least 1
 POSITIVE = ("steps", "batch_size", "q", "eval_every", "eval_batch_size", "mask_every", "lora_r",
             "num_prefix", "num_virtual_tokens", "num_train", "num_dev", "num_eval",
@@ -281,8 +282,9 @@ def resumed(cfg: Config, given: set) -> tuple[Config, str]:
         raise UserError(f"--resume {out}: no checkpoint there (it stopped before its first)")
     with open(os.path.join(out, "config.json")) as f:
         saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
-    new = check(Config(**saved | {k: getattr(cfg, k) for k in given} | dict(output_dir=out,
-                                                                              resume=out)))
+    here = {k: getattr(cfg, k) for k in given} | dict(output_dir=out, resume=out,
+                                                      overwrite=cfg.overwrite)
+    new = check(Config(**saved | here))
     linear = new.lr_schedule != "constant"           # its lr depends on --steps
     fixed = [k for k in saved if k not in RESUMABLE or k == "steps" and linear]
     changed = [f"--{k} {getattr(new, k)} (the run has {saved[k]})" for k in fixed
@@ -467,6 +469,7 @@ def load_weights(run: Run, weights):
 
 
 def save_checkpoint(cfg, run, progress, best, log) -> str:
+    """checkpoint.save of the run after progress.step steps, the log flushed to disk first."""
     log.flush()
     os.fsync(log.fileno())
     progress.log_bytes = log.tell()
@@ -475,8 +478,8 @@ def save_checkpoint(cfg, run, progress, best, log) -> str:
     state = dict(progress=dataclasses.asdict(progress), config=dataclasses.asdict(cfg),
                  fingerprint=checkpoint.fingerprint(cfg.device))
     best = dict(zip(run.names, best)) if isinstance(best, list) else best
-    return checkpoint.save(cfg.output_dir, progress.step, state, dict(zip(run.names, run.params)), best,
-                           parts(run.opt))
+    return checkpoint.save(cfg.output_dir, progress.step, state,
+                           dict(zip(run.names, run.params)), best, parts(run.opt))
 
 
 def restore(cfg: Config, run: Run, path: str):
@@ -705,7 +708,8 @@ def cli(argv=None):
         distributed.say(e, file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        distributed.say("interrupted (no checkpoint at this point)", file=sys.stderr)
+        distributed.say("interrupted (nothing written since the last checkpoint, if any)",
+                        file=sys.stderr)
         sys.exit(130)
 
 
