@@ -189,7 +189,7 @@ def test_two_draws_per_tensor_per_query_with_the_pair(family, q, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["zo_sgd", "zo_sgd_mmt", "zo_adam", "zo_sgd_cons"])
 def test_zero_lr_leaves_weights_bitwise_unchanged_with_the_pair(name, dtype):
-    """lr = 0, paired forward, tied embedding, stochastic rounding on: no bit of any weight moves."""
+    """lr = 0, paired forward, tied embedding, stochastic rounding: no bit of any weight moves."""
     model, params, loss = tiny("opt", dtype=dtype)
     before = [p.detach().clone() for p in model.parameters()]
     opt = optimizers.OPTIMIZERS[name](params, lr=0.0)
