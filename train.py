@@ -228,7 +228,8 @@ class Run:
     splits: tuple             # train, dev, test examples
     params: list              # the trainable tensors
     opt: torch.optim.Optimizer
-    batches: object           # endless iterator of encoded training batches
+    batches: tasks.Batches    # training batches by step: batches.at(k) for step k + 1
+    eval_sets: tuple          # dev and test, encoded once (tasks.EvalSet)
     length: int               # the longest input, in tokens
 
 
@@ -237,16 +238,15 @@ def train(cfg: Config, run: Run) -> dict:
     model, opt, params, device = run.model, run.opt, run.params, run.device
     train_set, dev_set, test_set = run.splits
 
-    def evaluate(examples):
-        return tasks.evaluate(model, run.tokenizer, cfg.task, examples, mlm=run.mlm,
-                              batch_size=cfg.eval_batch_size, max_length=run.length)
+    def evaluate(data):
+        return tasks.evaluate(model, data, batch_size=cfg.eval_batch_size)
 
     best = {"dev_accuracy": -1.0, "step": 0, "weights": None}
     peak, step_times, passes = 0, [], 0
     log = open(os.path.join(cfg.output_dir, "log.jsonl"), "w")
     bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True)
     for step in bar:
-        batch = tasks.to(next(run.batches), device)
+        batch = tasks.to(run.batches.at(step - 1), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
         memory.reset(device)
@@ -262,7 +262,7 @@ def train(cfg: Config, run: Run) -> dict:
                                   forward_passes=opt.forward_passes)) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{step_times[-1] * 1e3:.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            dev = evaluate(dev_set)["accuracy"]
+            dev = evaluate(run.eval_sets[0])["accuracy"]
             tqdm.write(f"step {step} | dev accuracy {dev:.4f}")
             if dev > best["dev_accuracy"]:
                 keep = cfg.select == "best" and step != cfg.steps
@@ -275,7 +275,7 @@ def train(cfg: Config, run: Run) -> dict:
         with torch.no_grad():
             for p, w in zip(params, best["weights"]):
                 p.copy_(w)
-    test = evaluate(test_set)
+    test = evaluate(run.eval_sets[1])
     return dict(dev_accuracy=best["dev_accuracy"], test_accuracy=test["accuracy"],
                 test_metrics=test, selected_step=best["step"],
                 peak_memory_gb=peak / memory.GIB, step_time_s=sum(step_times) / len(step_times),
@@ -318,10 +318,12 @@ def setup(cfg: Config) -> Run:
                              mask_every=cfg.mask_every, pretrained=cfg.peft == "ft")
         batches = tasks.batches(tokenizer, task, splits[0], batch_size=cfg.batch_size,
                                 seed=cfg.seed, max_length=length, mlm=mlm)
+        eval_sets = tuple(tasks.encode_eval(tokenizer, split, max_length=length, mlm=mlm)
+                          for split in splits[1:])
         os.makedirs(cfg.output_dir, exist_ok=True)
     except (ValueError, OSError) as e:   # DataError, peft's and the optimizers' checks, files
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, length)
+    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, eval_sets, length)
 
 
 def main(cfg: Config) -> dict:
