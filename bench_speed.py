@@ -21,7 +21,9 @@ full-vocabulary logits of every position, no hooks) draws u four times and adds 
 so the reference is, if anything, favoured.)
 
 Measured per model and variant, interleaved (each repetition runs every measurement once, in
-turn, so a change in the machine's load hits all of them alike), reported as medians:
+turn, so a slow change in the machine's load hits all of them alike), as medians of the wall
+time and of the process's CPU time (all threads; on a shared machine the steadier clock, since
+time spent waiting for a core is not counted):
   T_f         one forward of the step's loss (no_grad): the transformer on all B×T tokens, the LM
               head on the last position only, log-softmax in fp32 (train.py's work)
   T_f_full    one forward with full-vocabulary logits (the MeZO-style loss)
@@ -102,10 +104,11 @@ def mezo_step(loss, blocks, seed, mu, lr):
 
 # ---- one configuration -------------------------------------------------------------------------
 
-def timed(fn):
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def build(name, variant, seed):
@@ -141,65 +144,27 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
         "zo_seq": lambda: steppers[False].step(loss),
         "mezo": lambda: mezo_step(full, blocks, seed, mu, lr),
     }
-    times = {k: [] for k in MEASURES}
+    times = {clock: {k: [] for k in MEASURES} for clock in ("wall", "cpu")}
     for rep in range(reps):
         for k in MEASURES:
-            times[k].append(timed(runs[k]))
-        print(f"  {name} {variant} rep {rep + 1}/{reps}: "
-              + " ".join(f"{k} {times[k][-1]:.2f}" for k in MEASURES), flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    floor = 2 * len(blocks) * med["T_f"] + 2 * med["T_u"]
-    return dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
-                seq_len=seq_len, reps=reps, trainable=sum(p.numel() for p in params),
-                seconds=times, median=med, floor=floor,
-                speedup_vs_mezo=med["mezo"] / med["zo_pair"],
-                pair_over_floor=med["zo_pair"] / floor, seq_over_floor=med["zo_seq"] / floor,
-                mezo_over_floor=med["mezo"] / floor)
-
-
-@torch.no_grad()
-def rounding_shares(name, dtype, *, step=1e-6, steps=3, seed=0) -> dict:
-    """16-bit weights (§4, F16 ZO): how much of a ZO-SGD update the write keeps, per rounding.
-
-    The model of shape `name` in `dtype`; the closure is a cheap loss through the LM head alone
-    (allow_unreached: every tensor is still updated by η·d·u), with η set so that |η·d| = `step`,
-    the scale of lr·d in the paper's runs (lr 1e-6 to 1e-7, |d| ~ 1). Per rounding: moved, the
-    share of entries a step changes (opt.moved_fraction), and kept = Σ (θ' − θ)·Δ / Σ Δ², the
-    share of the intended update Δ = −η d u that reached the weights (1 when nothing is lost).
-    """
-    out = {}
-    for rounding in optimizers.ROUNDINGS:
-        torch.manual_seed(seed)
-        model = models.from_config(models.config(name), dtype=dtype)
-        params = list(model.parameters())
-        x = torch.randn(1, model.config.hidden_size, dtype=dtype)
-        loss = lambda: model.lm_head(x).float().logsumexp(-1).sum()   # noqa: E731
-        opt = optimizers.ZOSGD(params, lr=0.0, seed=seed, rounding=rounding, allow_unreached=True)
-        moved, kept = [], []
-        for _ in range(steps):
-            before = [p.clone() for p in params]
-            seeds = opt.seed_stream.get_state()
-            opt.step(loss)                        # lr 0: learn d, then redo the step at η·|d|
-            opt.seed_stream.set_state(seeds)
-            opt.param_groups[0]["lr"] = step / abs(opt.projected_grad)
-            opt.step(loss)
-            opt.param_groups[0]["lr"] = 0.0
-            d, lr = opt.projected_grad, step / abs(opt.projected_grad)
-            num = den = 0.0
-            for i, (p, b) in enumerate(zip(params, before)):
-                delta = -lr * d * rge.direction(b, rge_seed(opt, seeds), i).double()
-                num += float(((p.double() - b.double()) * delta).sum())
-                den += float((delta * delta).sum())
-            moved.append(opt.moved_fraction)
-            kept.append(num / den)
-        out[rounding] = dict(moved=statistics.mean(moved), kept=statistics.mean(kept))
-    return out
-
-
-def rge_seed(opt, state):
-    """The first seed an optimizer's seed stream draws from generator state `state`."""
-    g = torch.Generator().set_state(state)
-    return int(torch.randint(2**40, (1,), generator=g))
+            wall, cpu = timed(runs[k])
+            times["wall"][k].append(wall)
+            times["cpu"][k].append(cpu)
+        print(f"  {name} {variant} rep {rep + 1}/{reps} (wall/cpu s): " + " ".join(
+            f"{k} {times['wall'][k][-1]:.2f}/{times['cpu'][k][-1]:.2f}" for k in MEASURES),
+            flush=True)
+    result = dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
+                  seq_len=seq_len, reps=reps, trainable=sum(p.numel() for p in params),
+                  threads=torch.get_num_threads(), seconds=times)
+    for clock in ("wall", "cpu"):
+        med = {k: statistics.median(v) for k, v in times[clock].items()}
+        floor = 2 * len(blocks) * med["T_f"] + 2 * med["T_u"]
+        result[clock] = dict(median=med, floor=floor,
+                             speedup_vs_mezo=med["mezo"] / med["zo_pair"],
+                             pair_over_floor=med["zo_pair"] / floor,
+                             seq_over_floor=med["zo_seq"] / floor,
+                             mezo_over_floor=med["mezo"] / floor)
+    return result
 
 
 def hardware() -> dict:
@@ -248,10 +213,12 @@ def main(argv=None):
             r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
                         reps=args.reps) | dict(hardware=hardware())
             results.append(r)
-            print(f"{name} {v}: zo_pair {r['median']['zo_pair']:.2f}s, mezo "
-                  f"{r['median']['mezo']:.2f}s → {r['speedup_vs_mezo']:.2f}× faster; zo_pair / "
-                  f"floor {r['pair_over_floor']:.2f}, zo_seq / floor {r['seq_over_floor']:.2f}",
-                  flush=True)
+            for clock in ("wall", "cpu"):
+                c = r[clock]
+                print(f"{name} {v} ({clock}): zo_pair {c['median']['zo_pair']:.2f}s, mezo "
+                      f"{c['median']['mezo']:.2f}s → {c['speedup_vs_mezo']:.2f}× faster; zo_pair"
+                      f" / floor {c['pair_over_floor']:.2f}, zo_seq / floor "
+                      f"{c['seq_over_floor']:.2f}", flush=True)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, f"{name}-{v}.json"), "w") as f:

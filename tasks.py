@@ -550,6 +550,19 @@ def shard(batch, rank, world) -> dict:
     return part
 
 
+def _losses(model, batch) -> torch.Tensor:
+    """fp32, [B]: each example's −log softmax_c s(c)[gold] ("cls"), or the sum of −log p over
+    its gold option's tokens ("lm")."""
+    labels = batch["labels"]
+    if batch["loss_type"] == "lm":
+        logp = _option_logprobs(model, batch)                        # [B, C, K]
+        example = torch.arange(len(labels), device=logp.device)
+        gold = logp[example, labels.to(logp.device)]                 # [B, K], 0 past the option
+        return -gold.sum(-1)
+    scores = _scores(model, batch)                                   # [B, C]
+    return F.cross_entropy(scores, labels.to(scores.device), reduction="none")
+
+
 def loss_terms(model, batch) -> tuple[torch.Tensor, int]:
     """(sum, count): the fp32 loss summed over the batch's terms, and how many terms it sums.
 
@@ -557,22 +570,25 @@ def loss_terms(model, batch) -> tuple[torch.Tensor, int]:
     "lm":  Σ over the gold options' tokens of −log p(token); count = those tokens.
     An empty shard gives (0, 0) without running the model.
     """
-    labels = batch["labels"]
-    if len(labels) == 0:
+    if len(batch["labels"]) == 0:
         return torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device), 0
-    if batch["loss_type"] == "lm":
-        logp = _option_logprobs(model, batch)                        # [B, C, K]
-        example = torch.arange(len(labels), device=logp.device)
-        gold = logp[example, labels.to(logp.device)]                 # [B, K], 0 past the option
-        return -gold.sum(), batch["count"]
-    scores = _scores(model, batch)                                   # [B, C]
-    return F.cross_entropy(scores, labels.to(scores.device), reduction="sum"), batch["count"]
+    return _losses(model, batch).sum(), batch["count"]
 
 
 def loss(model, batch) -> torch.Tensor:
     """fp32 scalar: the batch's mean loss, sum / count of loss_terms."""
     total, count = loss_terms(model, batch)
     return total / count
+
+
+def pair_loss(model, batch) -> torch.Tensor:
+    """fp32 [2]: the batch's mean loss twice, from one forward of the batch stacked on itself.
+    Inside rge.perturbed_pair (a ZO step's paired forward) the first copy sees θ + μu and the
+    second θ − μu, so this is [f(θ + μu), f(θ − μu)] with the activations of a doubled batch."""
+    if len(batch["labels"]) == 0:
+        return torch.zeros(2, dtype=torch.float32, device=next(model.parameters()).device)
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return _losses(model, doubled).view(2, -1).sum(1) / batch["count"]
 
 
 def encode_eval(tokenizer, examples, *, max_length=512, mlm=False) -> EvalSet:

@@ -249,9 +249,12 @@ def train(cfg: Config, run: Run) -> dict:
         batch = tasks.to(run.batches.at(step - 1), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
+
+        def closure(pair=False):      # pair: [f+, f−] of the batch doubled (rge.estimate)
+            return tasks.pair_loss(model, batch) if pair else tasks.loss(model, batch)
         memory.reset(device)
         start = time.perf_counter()
-        loss = opt.step(lambda: tasks.loss(model, batch))
+        loss = opt.step(closure)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - start)
