@@ -167,6 +167,51 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
     return result
 
 
+@torch.no_grad()
+def rounding_shares(name, dtype, *, step=1e-6, steps=3, seed=0) -> dict:
+    """16-bit weights (§4, F16 ZO): how much of a ZO-SGD update the write keeps, per rounding.
+
+    The model of shape `name` in `dtype`; the closure is a cheap loss through the LM head alone
+    (allow_unreached: every tensor is still updated by η·d·u), with η set so that |η·d| = `step`,
+    the scale of lr·d in the paper's runs (lr 1e-6 to 1e-7, |d| ~ 1). Per rounding: moved, the
+    share of entries a step changes (opt.moved_fraction), and kept = Σ (θ' − θ)·Δ / Σ Δ², the
+    share of the intended update Δ = −η d u that reached the weights (1 when nothing is lost).
+    """
+    out = {}
+    for rounding in optimizers.ROUNDINGS:
+        torch.manual_seed(seed)
+        model = models.from_config(models.config(name), dtype=dtype)
+        params = list(model.parameters())
+        x = torch.randn(1, model.config.hidden_size, dtype=dtype)
+        loss = lambda: model.lm_head(x).float().logsumexp(-1).sum()   # noqa: E731
+        opt = optimizers.ZOSGD(params, lr=0.0, seed=seed, rounding=rounding, allow_unreached=True)
+        moved, kept = [], []
+        for _ in range(steps):
+            before = [p.clone() for p in params]
+            seeds = opt.seed_stream.get_state()
+            opt.step(loss)                        # lr 0: learn d, then redo the step at η·|d|
+            opt.seed_stream.set_state(seeds)
+            opt.param_groups[0]["lr"] = step / abs(opt.projected_grad)
+            opt.step(loss)
+            opt.param_groups[0]["lr"] = 0.0
+            d, lr = opt.projected_grad, step / abs(opt.projected_grad)
+            num = den = 0.0
+            for i, (p, b) in enumerate(zip(params, before)):
+                delta = -lr * d * rge.direction(b, rge_seed(opt, seeds), i).double()
+                num += float(((p.double() - b.double()) * delta).sum())
+                den += float((delta * delta).sum())
+            moved.append(opt.moved_fraction)
+            kept.append(num / den)
+        out[rounding] = dict(moved=statistics.mean(moved), kept=statistics.mean(kept))
+    return out
+
+
+def rge_seed(opt, state):
+    """The first seed an optimizer's seed stream draws from generator state `state`."""
+    g = torch.Generator().set_state(state)
+    return int(torch.randint(2**40, (1,), generator=g))
+
+
 def hardware() -> dict:
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
