@@ -166,15 +166,15 @@ def global_mean(sums: torch.Tensor, counts, world: World) -> torch.Tensor:
 def closure(model, batch: dict, world: World):
     """The optimizer's loss closure for a global batch, in rge's protocol: loss() is f, and
     loss(pair=True) is [f+, f−] of the paired forward (tasks.loss_terms doubles the batch).
-    One process: sum / count of the batch's terms, in fp32 (FO back-propagates through it).
+    One process: tasks.loss or tasks.pair_loss, in fp32 (FO back-propagates through the first).
     Data parallel: this rank's share of the batch, and the global mean of every rank's terms
     from one all-reduce ([S, n], or [S+, S−, n+, n−] for a pair)."""
     share = tasks.shard(batch, world.rank, world.size) if world.size > 1 else batch
 
     def loss(pair=False):
-        total, count = tasks.loss_terms(model, share, pair=pair)
         if world.size == 1:
-            return total / count
+            return (tasks.pair_loss if pair else tasks.loss)(model, batch)
+        total, count = tasks.loss_terms(model, share, pair=pair)
         return global_mean(total, [count] * total.numel(), world).reshape(total.shape)
     return loss
 

@@ -9,14 +9,17 @@ where ĝ_t estimates ∇f(θ_t) and h turns it into a step. The ZO methods get �
 tensor by tensor (rge.gradients redraws u from the seeds), so nothing gradient-sized is stored
 beyond one tensor at a time plus the method's own state. The FO baselines get ĝ = ∇f from back-prop.
 
-Structure: `ZeroOrderOptimizer.step(closure)` draws seeds, calls `self.estimate`, then calls
-`self.update(p, g, state, group)` for each tensor; a method is a subclass that overrides `update`
-(the rule sits under its formula). Three also override `estimate`, where the change lives in the
-scalars: Forward-Grad (a JVP instead of a finite difference), ZO-SGD-Sign's scalar mode (sign(d_j))
-and ZO-SGD-Cons (three more forwards choose h ∈ {0, ĝ, −ĝ}). `closure()` returns the scalar loss of
-the current batch; the ZO step calls it 2q times, the FO step once under autograd. Weight decay λ
-acts on ≥2-D tensors only: added to ĝ (coupled) for ZO and FO-SGD, decoupled for FO-Adam (AdamW).
-`OPTIMIZERS` maps `--opt` names to classes.
+Structure: `ZeroOrderOptimizer.step(closure)` draws seeds, calls `self.estimate`, then for each
+tensor calls `self.update(p, g, scale, state, group)` with ĝ_p = scale·g, which returns the step
+(t, a): θ ← θ + a·t, and `write`s it, the only write to the weights (checked finite; stochastic
+rounding for 16-bit weights). A method is a subclass that overrides `update` (the rule sits under
+its formula). Three also override `estimate`, where the change lives in the scalars: Forward-Grad
+(a JVP instead of a finite difference), ZO-SGD-Sign's scalar mode (sign(d_j)) and ZO-SGD-Cons
+(three more forwards choose h ∈ {0, ĝ, −ĝ}). `closure()` returns the scalar loss of the current
+batch; the ZO step calls it 2q times, or q times as `closure(pair=True)` on a batch it doubles
+(rge.estimate), the FO step once under autograd. Weight decay λ acts on ≥2-D tensors only: added
+to ĝ (coupled) for ZO and FO-SGD, decoupled for FO-Adam (AdamW). `OPTIMIZERS` maps `--opt` names
+to classes.
 
 Not here: the §5 variants, which group the tensors and mask u (variants.py); how the FO baselines
 sum a tied tensor's two gradients in place (tied_grads.py).
@@ -104,7 +107,6 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         self.projected_grad = None    # mean (f+ − f−)/(2μ) of the last step, for the log
         self.moved_fraction = None    # share of sampled entries the last step changed
         self.tied = set()             # ids of tensors read more than once per forward (learned)
-        self.rounding_generator = {}  # device → the generator of the stochastic rounding
 
     def next_seed(self) -> int:
         return int(torch.randint(2**40, (1,), generator=self.seed_stream))
@@ -157,8 +159,7 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         stride = max(1, p.numel() // SAMPLE)
         before = p.detach().reshape(-1)[::stride][:SAMPLE].clone()
         if p.dtype in (torch.float16, torch.bfloat16) and group["rounding"] == "stochastic":
-            gen = self.rounding_generator.setdefault(p.device, torch.Generator(p.device))
-            gen.manual_seed(ROUNDING_SEEDS + (seed << rge.SEED_BITS) + i)
+            gen = rge.generator(p.device).manual_seed(ROUNDING_SEEDS + (seed << rge.SEED_BITS) + i)
             round_stochastically_(p, p.float().add_(t, alpha=a), gen)
         else:
             p.add_(t, alpha=a)

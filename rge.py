@@ -18,8 +18,19 @@ The weights are never written here. f(θ ± μu) is evaluated *functionally*: ar
 call of each module that owns a trainable tensor, a hook swaps the tensor for its perturbed copy
 θ_i ± μu_i and puts the original back when the module returns. So the only write to θ is the
 optimizer's update: with lr = 0 the weights stay bitwise equal in any dtype, where the usual
-in-place +μ, −2μ, +μ round trip rounds three times and drifts in fp16/bf16. Per step of ZO-SGD, u
-is drawn three times (two perturbed forwards, one update), where the in-place scheme needs four.
+in-place +μ, −2μ, +μ round trip rounds three times and drifts in fp16/bf16.
+
+Draws per ZO-SGD step (each a Gaussian pass over every trainable tensor, the dominant cost after
+the forwards). The in-place scheme draws u four times. Here:
+- the paired forward (`perturbed_pair`, the default when the loss supports it): the loss doubles
+  its batch, and each owning module runs its first half at θ + μu and its second at θ − μu, both
+  copies made from one draw of u: f(θ + μu) and f(θ − μu) come from one walk over the layers
+  (ZO2's "dual forward"), u is drawn once per query and once more by the update: 2 draws;
+- the sequential path (`perturbed` twice): two forwards, 3 draws, half the activations;
+- a tensor read by two modules (OPT's and RoBERTa's tied embedding, also the LM head: 31% of
+  OPT-125M) is perturbed once per forward and the copy kept for its second reader, once an
+  earlier forward has shown it is read twice (`Estimate.tied`).
+The update then folds d into its step size: θ − (η d)·u, one pass over u (`gradients`).
 
 Sparse directions (§5, Tab. 8): u_i ⊙ m_i, m_i ~ Bernoulli(1 − s_i) drawn inside `direction`, so
 the perturbation and the update share it; s_i = share of |θ_i| ≤ τ, τ the S-quantile of all |θ| of
@@ -27,6 +38,7 @@ the pretrained weights (overall sparsity S), so tensors of small weights get mor
 
 References: 1) MeZO, Malladi et al. 2023, arXiv:2305.17333. 2) Zhang et al. 2024, ZO-Bench,
 arXiv:2402.11592, §3 and App. A. 3) Nesterov & Spokoiny 2017, Gaussian smoothing.
+4) ZO2 (Wang et al. 2025), whose "dual forward" the paired forward follows.
 Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate (forward_grad.py).
 """
 import inspect
@@ -64,6 +76,18 @@ class Estimate:
 
 # ---- directions ---------------------------------------------------------------------------------
 
+_GENERATORS = {}   # device → one generator, reseeded before every draw (creating one costs 18 µs)
+
+
+def generator(device) -> torch.Generator:
+    """The device's generator for u and the masks: its state never carries from one draw to the
+    next, since every draw seeds it first."""
+    device = torch.device(device)
+    if device not in _GENERATORS:
+        _GENERATORS[device] = torch.Generator(device=device)
+    return _GENERATORS[device]
+
+
 def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> torch.Tensor:
     """u for tensor i: N(0, I) shaped like p, from a generator seeded by (seed, i) alone.
 
@@ -72,7 +96,7 @@ def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> t
     With a mask, each entry is zeroed where a uniform draw from (mask.seed, i) falls below s_i:
     exactly Bernoulli(s_i). (The released code thresholds a normal draw and zeroes a share Φ(s_i).)
     """
-    gen = torch.Generator(device=p.device).manual_seed((seed << SEED_BITS) + i)
+    gen = generator(p.device).manual_seed((seed << SEED_BITS) + i)
     u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
     if mask is not None and mask.ratios[i] > 0:
         gen.manual_seed(MASK_SEEDS + (mask.seed << SEED_BITS) + i)

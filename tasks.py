@@ -550,6 +550,19 @@ def shard(batch, rank, world) -> dict:
     return part
 
 
+def _losses(model, batch) -> torch.Tensor:
+    """fp32, [B]: each example's −log softmax_c s(c)[gold] ("cls"), or the sum of −log p over
+    its gold option's tokens ("lm")."""
+    labels = batch["labels"]
+    if batch["loss_type"] == "lm":
+        logp = _option_logprobs(model, batch)                        # [B, C, K]
+        example = torch.arange(len(labels), device=logp.device)
+        gold = logp[example, labels.to(logp.device)]                 # [B, K], 0 past the option
+        return -gold.sum(-1)
+    scores = _scores(model, batch)                                   # [B, C]
+    return F.cross_entropy(scores, labels.to(scores.device), reduction="none")
+
+
 def loss_terms(model, batch, pair=False) -> tuple[torch.Tensor, int]:
     """(sum, count): the fp32 loss summed over the batch's terms, and how many terms it sums.
 
@@ -560,26 +573,26 @@ def loss_terms(model, batch, pair=False) -> tuple[torch.Tensor, int]:
     (rge.estimate perturbs the first copy by +μu, the second by −μu), and sum is [the first
     copy's, the second's]; count is one copy's.
     """
-    labels = batch["labels"]
-    if len(labels) == 0:
+    if len(batch["labels"]) == 0:
         return torch.zeros((2,) if pair else (), dtype=torch.float32,
                            device=next(model.parameters()).device), 0
-    if pair:
-        batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
-        labels = batch["labels"]
-    if batch["loss_type"] == "lm":
-        logp = _option_logprobs(model, batch)                        # [B, C, K]
-        example = torch.arange(len(labels), device=logp.device)
-        gold = logp[example, labels.to(logp.device)]                 # [B, K], 0 past the option
-        return (-gold.view(2, -1).sum(-1) if pair else -gold.sum()), batch["count"]
-    scores = _scores(model, batch)                                   # [B, C]
-    terms = F.cross_entropy(scores, labels.to(scores.device), reduction="none" if pair else "sum")
-    return (terms.view(2, -1).sum(-1) if pair else terms), batch["count"]
+    if not pair:
+        return _losses(model, batch).sum(), batch["count"]
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return _losses(model, doubled).view(2, -1).sum(1), batch["count"]
 
 
 def loss(model, batch) -> torch.Tensor:
     """fp32 scalar: the batch's mean loss, sum / count of loss_terms."""
     total, count = loss_terms(model, batch)
+    return total / count
+
+
+def pair_loss(model, batch) -> torch.Tensor:
+    """fp32 [2]: the batch's mean loss twice, from one forward of the batch stacked on itself.
+    Inside rge.perturbed_pair (a ZO step's paired forward) the first copy sees θ + μu and the
+    second θ − μu, so this is [f(θ + μu), f(θ − μu)] with the activations of a doubled batch."""
+    total, count = loss_terms(model, batch, pair=True)
     return total / count
 
 

@@ -446,3 +446,94 @@ def test_every_optimizer_lowers_the_loss(name):
     for _ in range(300):
         opt.step(loss)
     assert float(loss().detach()) < start / 10, start
+
+
+# ---- weight decay, the write: finite steps, stochastic rounding, moved_fraction ------------------
+
+@pytest.mark.parametrize("name", ["zo_sgd", "zo_sgd_mmt"])
+def test_zo_weight_decay_is_coupled_and_shrinks_the_weights(name):
+    """θ' = θ − η(ĝ + λθ) on ≥2-D tensors, θ − ηĝ on the others (first step: m = ĝ + λθ)."""
+    model, loss = tiny_lm()
+    oracle = copy.deepcopy(model)
+    seeds = seed_stream(3, 2)
+    lr, decay = 1e-2, 0.5
+    expected = [p - lr * (g + (decay * p if p.dim() >= 2 else 0)) for p, g in
+                zip(oracle.parameters(), g_hat(oracle, seeds, rge_coeffs(oracle, seeds)))]
+    make_optimizer(name, list(model.parameters()), lr=lr, q=2, seed=3,
+                   weight_decay=decay).step(loss)
+    assert_weights(model, expected)
+
+
+def test_a_non_finite_step_size_writes_nothing():
+    """lr = inf: FloatingPointError before any weight is written."""
+    model, loss = tiny_lm()
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match="no weight was written"):
+        make_optimizer("zo_sgd", list(model.parameters()), lr=float("inf")).step(loss)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_fp16_step_with_a_large_projected_gradient_stays_finite():
+    """|d| ≈ 1e6 > fp16's 65504: d is folded into the step size (η·d ≈ 1), never formed as d·u."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4).half()
+    x = torch.randn(2, 16).half()
+    opt = make_optimizer("zo_sgd", list(layer.parameters()), lr=1e-6, mu=1e-2)
+    opt.step(lambda: 1e6 * layer(x).float().sum())
+    assert abs(opt.projected_grad) > 65504
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_stochastic_rounding_is_exact_in_expectation(dtype):
+    """Over 400 generator seeds the mean of round(θ + Δ) is θ + Δ (fp32), where rounding to
+    nearest keeps none of Δ (Δ = 0.05 ulp). Bound: one rounding has std ≤ ulp/2, so the mean over
+    400 seeds and 2000 entries, in ulps, has std ≤ 1/(2·√(400·2000)) ≈ 0.0006; we allow 0.003.
+    And values already on the 16-bit grid (Δ = 0) come back bitwise."""
+    g = torch.Generator().manual_seed(0)
+    theta = (torch.randn(2000, generator=g) * 0.02).to(dtype)
+    ulp = (torch.nextafter(theta.float().abs().to(dtype), torch.tensor(1.0, dtype=dtype)).float()
+           - theta.float().abs())
+    target = theta.float() + 0.05 * ulp
+    total = torch.zeros(2000, dtype=torch.float64)
+    for seed in range(400):
+        out = torch.empty_like(theta)
+        optimizers.round_stochastically_(out, target.clone(), torch.Generator().manual_seed(seed))
+        total += out.double()
+    bias = ((total / 400 - target.double()) / ulp.double()).mean()
+    nearest = ((target.to(dtype).double() - target.double()) / ulp.double()).mean()
+    assert abs(float(bias)) < 0.003
+    assert abs(float(nearest)) > 0.02                        # the test can tell rounding apart
+    same = torch.empty_like(theta)
+    optimizers.round_stochastically_(same, theta.float(), torch.Generator().manual_seed(1))
+    assert torch.equal(same, theta)
+
+
+@pytest.mark.parametrize("dtype, rounding_moves", [(torch.float32, False), (torch.bfloat16, True)])
+def test_rounding_touches_16_bit_weights_only(dtype, rounding_moves):
+    """fp32 weights: rounding="stochastic" and "nearest" give bitwise the same step. bf16: they
+    differ, and stochastic rounding moves more entries at a tiny step (moved_fraction)."""
+    runs, moved = [], []
+    for rounding in ("stochastic", "nearest"):
+        model, loss = tiny_lm(dtype=dtype)
+        opt = make_optimizer("zo_sgd", list(model.parameters()), lr=1e-5, rounding=rounding)
+        opt.step(loss)
+        runs.append(snapshot(model))
+        moved.append(opt.moved_fraction)
+    differ = not all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert differ == rounding_moves
+    if rounding_moves:
+        assert moved[0] > moved[1]
+
+
+def test_moved_fraction_is_the_share_of_entries_changed():
+    """Tiny tensors (≤ 4096 entries) are sampled whole: moved_fraction = changed / all entries."""
+    model, loss = tiny_lm("llama", dtype=torch.bfloat16)
+    before = snapshot(model)
+    opt = make_optimizer("zo_sgd", list(model.parameters()), lr=1e-4, rounding="nearest")
+    opt.step(loss)
+    assert all(p.numel() <= optimizers.SAMPLE for p in model.parameters())
+    changed = sum(int((p != before[n]).sum()) for n, p in model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert opt.moved_fraction == pytest.approx(changed / total)
+    assert 0 < opt.moved_fraction < 1

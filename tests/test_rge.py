@@ -81,3 +81,60 @@ def test_projected_gradient_is_the_directional_derivative():
     est = rge.estimate(loss, params, seeds=[11], mu=1e-5)
     dot = sum((g * rge.direction(p, 11, i)).sum() for i, (p, g) in enumerate(zip(params, grads)))
     assert est.projected_grads[0] == pytest.approx(float(dot), rel=1e-6)
+
+
+# ---- u as the optimizer uses it: statistics, not rge.direction's own logic -----------------------
+
+class TwoLayers(torch.nn.Module):
+    """Two same-shaped 64×64 weights (fp64), so two tensors of one step can be compared."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).pow(2).mean()
+
+
+def applied_directions(steps=2, lr=1e-3):
+    """The u of each ZO-SGD step (q = 1), read back from the weights: Δθ = −η d u, so
+    u = Δθ / (−η d) with d the step's projected gradient (fp64 keeps the division exact)."""
+    import optimizers
+    torch.manual_seed(0)
+    net, x = TwoLayers().double(), torch.randn(8, 64, dtype=torch.float64)
+    opt = optimizers.ZOSGD(list(net.parameters()), lr=lr, mu=1e-4, seed=1)
+    us = []
+    for _ in range(steps):
+        before = [p.detach().clone() for p in net.parameters()]
+        opt.step(lambda: net(x))
+        d = opt.projected_grad
+        us.append([((p.detach() - b) / (-lr * d)).flatten() for p, b in zip(net.parameters(),
+                                                                             before)])
+    return us
+
+
+def test_u_is_standard_normal_and_independent_across_tensors_and_steps():
+    """Each u_i of a step: mean 0, variance 1; u_a and u_b of one step, and u_a of two steps,
+    uncorrelated. n = 4096 entries per tensor: the standard errors are 1/√n = 0.016 (mean,
+    correlation) and √(2/n) = 0.022 (variance); the bounds are 5 of them. A u that ignored the
+    tensor index (the same u for both same-shaped weights) has correlation 1."""
+    (a1, b1), (a2, _) = applied_directions()
+    n = a1.numel()
+    for u in (a1, b1, a2):
+        assert abs(float(u.mean())) < 5 / n ** 0.5
+        assert abs(float(u.var()) - 1) < 5 * (2 / n) ** 0.5
+    corr = lambda x, y: float(torch.corrcoef(torch.stack([x, y]))[0, 1])   # noqa: E731
+    assert abs(corr(a1, b1)) < 5 / n ** 0.5, "two tensors of one step share a direction"
+    assert abs(corr(a1, a2)) < 5 / n ** 0.5, "two steps share a direction"
+
+
+def test_a_tensor_no_module_reads_is_an_error_unless_allowed():
+    """A trainable tensor outside every module forward would get c·u for nothing: refused."""
+    net = torch.nn.Linear(3, 1)
+    stray = torch.nn.Parameter(torch.ones(2))
+    loss = lambda: net(torch.ones(1, 3)).sum() + stray.sum()          # read outside a module
+    with pytest.raises(ValueError, match=r"1 trainable tensor\(s\) never entered .*torch.compile"):
+        rge.estimate(loss, [*net.parameters(), stray], seeds=[1], mu=1e-3)
+    est = rge.estimate(loss, [*net.parameters(), stray], seeds=[1], mu=1e-3,
+                       allow_unreached=True)
+    assert est.forward_passes == 2

@@ -8,6 +8,8 @@ bitwise the same here, and the assertions allow float32 rounding of f (rtol 1e-6
 
     python -m pytest tests/test_speed_paths.py -q
 """
+import os
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ import optimizers
 import peft
 import rge
 import variants
-from tiny import FAMILIES, tiny_model
+from tiny import DATA, FAMILIES, needs_shared, real_tokenizer, tiny_model
 
 SCHEMES = ("ft", "lora", "prefix", "prompt")
 
@@ -189,7 +191,7 @@ def test_two_draws_per_tensor_per_query_with_the_pair(family, q, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["zo_sgd", "zo_sgd_mmt", "zo_adam", "zo_sgd_cons"])
 def test_zero_lr_leaves_weights_bitwise_unchanged_with_the_pair(name, dtype):
-    """lr = 0, paired forward, tied embedding, stochastic rounding on: no bit of any weight moves."""
+    """lr = 0, paired forward, tied embedding, stochastic rounding: no bit of any weight moves."""
     model, params, loss = tiny("opt", dtype=dtype)
     before = [p.detach().clone() for p in model.parameters()]
     opt = optimizers.OPTIMIZERS[name](params, lr=0.0)
@@ -197,3 +199,31 @@ def test_zero_lr_leaves_weights_bitwise_unchanged_with_the_pair(name, dtype):
         opt.step(loss)
     assert opt.projected_grad != 0.0
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ---- the task loss: tasks.pair_loss --------------------------------------------------------------
+
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.parametrize("family, task", [("opt", "sst2"), ("opt", "copa"), ("roberta", "sst2"),
+                                          ("llama", "rte")])
+def test_task_pair_loss_gives_the_sequential_estimate(family, task):
+    """train.py's closure: tasks.pair_loss doubles a real batch (candidates, padding, masks);
+    unperturbed it is [f, f]; in a ZO step it gives the sequential path's d."""
+    import tasks
+    model = tiny_model(family)
+    tok = real_tokenizer(family)
+    mlm = family == "roberta"
+    train, _, _ = tasks.load(task, os.path.join(DATA, task), num_train=8, num_dev=0,
+                             num_eval=None, mlm=mlm)
+    batch = tasks.batches(tok, task, train, batch_size=4, mlm=mlm).at(0)
+    with torch.no_grad():
+        f = tasks.loss(model, batch)
+        torch.testing.assert_close(tasks.pair_loss(model, batch), torch.stack([f, f]))
+
+    def closure(pair=False):
+        return tasks.pair_loss(model, batch) if pair else tasks.loss(model, batch)
+    params = list(model.parameters())
+    seq = rge.estimate(closure, params, seeds=[3], mu=1e-2)
+    pair = rge.estimate(closure, params, seeds=[3], mu=1e-2, pair=True)
+    assert_same_estimate(seq, pair, 1e-2)

@@ -1,0 +1,275 @@
+"""Speed benchmark: a ZO-SGD step beside its floor and beside a MeZO-style step, in one process.
+
+    python bench_speed.py --model opt-125m --variants full,lora --reps 3
+    python bench_speed.py --model opt-125m --variants block --reps 1 --out results/speed
+
+What a ZO step costs. ZO-SGD (arXiv:2402.11592 §3, eq. (1)–(2)) evaluates f(θ + μu) and f(θ − μu)
+and writes θ − η d u. Its work is two forwards of the batch and Gaussian draws over the trainable
+tensors, so with T_f = one inference forward of the same loss and T_u = one draw of u over all
+trainable tensors, the floor of a step is
+
+    floor = 2·T_f + 2·T_u        (one draw for the pair, one for the update)
+
+This project draws u once per query for both signs (the paired forward: the batch doubled, its
+first half seeing θ + μu and its second θ − μu, see rge.py) and once for the update; a tied
+embedding/LM head is perturbed once per forward; d is folded into the update's step size.
+A MeZO-style step (written here from the description of MeZO, arXiv:2305.17333 Alg. 1, and of
+the released code: a global `torch.manual_seed(s)` and `torch.normal` per tensor, in-place
+θ += μz, θ −= 2μz, θ += μz around two forwards, a fourth draw for the update, the loss from
+full-vocabulary logits of every position, no hooks) draws u four times and adds it four times.
+(MeZO's code rebinds p.data = p.data + s·z·μ out of place; the in-place add used here is faster,
+so the reference is, if anything, favoured.)
+
+Measured per model and variant, interleaved (each repetition runs every measurement once, in
+turn, so a slow change in the machine's load hits all of them alike), as medians of the wall
+time and of the process's CPU time (all threads; on a shared machine the steadier clock, since
+time spent waiting for a core is not counted):
+  T_f         one forward of the step's loss (no_grad): the transformer on all B×T tokens, the LM
+              head on the last position only, log-softmax in fp32 (train.py's work)
+  T_f_full    one forward with full-vocabulary logits (the MeZO-style loss)
+  T_u         rge.direction over every trainable tensor
+  T_add       θ + μu over every trainable tensor, into a new buffer (the cost of one perturbed
+              copy; the floor counts none, this step makes three: θ + μu, θ − μu, the update)
+  zo_pair     this project's ZO-SGD step, paired forward (the default)
+  zo_seq      the same step with pair=False: two forwards, u drawn three times
+  mezo        the MeZO-style step
+and the ratios mezo / zo_pair (speed-up, target ≥ 1.6) and zo_pair / floor (target ≤ 1.1). The
+variants: full fine-tuning; block-wise ZO (§5, Tab. 6: p blocks, one estimate each, floor
+2p·T_f + 2·T_u; the MeZO-style reference perturbs block by block); LoRA (§4, r 8 on q and v).
+Weights are random (models.CONFIGS shapes, fp32), token ids random: speed does not depend on them.
+
+References: Zhang et al. 2024, arXiv:2402.11592, §3, §5, Tab. 4; Malladi et al. 2023, MeZO,
+arXiv:2305.17333. Not here: memory (bench_memory.py); what the step does (rge.py, optimizers.py).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import models
+import optimizers
+import peft
+import rge
+import variants
+
+MEASURES = ("T_f", "T_f_full", "T_u", "T_add", "zo_pair", "zo_seq", "mezo")
+
+
+# ---- the two losses ------------------------------------------------------------------------------
+
+def task_loss(model, ids):
+    """The step's loss, train.py's work for a one-token answer at the last position, fp32.
+    pair=True doubles the batch and returns [f(first half), f(second half)] (rge.estimate)."""
+    n = len(ids)
+
+    def loss(pair=False):
+        x = torch.cat([ids, ids]) if pair else ids
+        h = model.base_model(input_ids=x, use_cache=False).last_hidden_state[:, -1]
+        nll = -model.lm_head(h).float().log_softmax(-1).gather(1, x[:, :1]).squeeze(1)
+        return torch.stack([nll[:n].mean(), nll[n:].mean()]) if pair else nll.mean()
+    return loss
+
+
+def full_logits_loss(model, ids):
+    """MeZO's loss: the LM's cross-entropy from the logits of every position, B×T×V."""
+    return lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+# ---- the MeZO-style reference step ---------------------------------------------------------------
+
+def mezo_perturb(params, seed, scale):
+    """θ += scale·z for every tensor, z redrawn from the global RNG seeded with `seed`."""
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(0.0, 1.0, size=p.shape, device=p.device, dtype=p.dtype)
+        p.add_(z, alpha=scale)
+
+
+@torch.no_grad()
+def mezo_step(loss, blocks, seed, mu, lr):
+    """One MeZO-style ZO-SGD step, block by block (one block: full fine-tuning)."""
+    for b, params in enumerate(blocks):
+        s = seed + b
+        mezo_perturb(params, s, mu)
+        f_plus = float(loss())
+        mezo_perturb(params, s, -2 * mu)
+        f_minus = float(loss())
+        mezo_perturb(params, s, mu)
+        mezo_perturb(params, s, -lr * (f_plus - f_minus) / (2 * mu))       # the fourth draw
+
+
+# ---- one configuration -------------------------------------------------------------------------
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def build(name, variant, seed):
+    """The model of shape `name` with random weights, its trainable tensors and their blocks."""
+    torch.manual_seed(seed)
+    model = models.from_config(models.config(name))
+    params = peft.apply(model, "lora" if variant == "lora" else "ft")
+    if variant == "block":
+        blocks = [ps for _, ps in variants.blocks(model, params)]
+    else:
+        blocks = [params]
+    return model, params, blocks
+
+
+def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=0) -> dict:
+    """Median seconds of every measurement over `reps` interleaved repetitions, and the ratios."""
+    model, params, blocks = build(name, variant, seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len),
+                        generator=torch.Generator().manual_seed(seed))
+    loss, full = task_loss(model, ids), full_logits_loss(model, ids)
+    hp = dict(lr=lr, mu=mu, seed=seed)
+    steppers = {pair: variants.build("zo_sgd", model, params, hp | dict(pair=pair),
+                                     block=variant == "block") for pair in (True, False)}
+    noise = [torch.randn_like(p) for p in params]   # a second copy of the weights, for T_add
+    for opt in steppers.values():                  # learn the tied tensor; warm the allocator
+        opt.step(loss)
+    runs = {
+        "T_f": lambda: torch.no_grad()(loss)(),
+        "T_f_full": lambda: torch.no_grad()(full)(),
+        "T_u": lambda: [rge.direction(p, seed, i) for i, p in enumerate(params)],
+        "T_add": lambda: [torch.add(p, u, alpha=mu) for p, u in zip(params, noise)],
+        "zo_pair": lambda: steppers[True].step(loss),
+        "zo_seq": lambda: steppers[False].step(loss),
+        "mezo": lambda: mezo_step(full, blocks, seed, mu, lr),
+    }
+    times = {clock: {k: [] for k in MEASURES} for clock in ("wall", "cpu")}
+    for rep in range(reps):
+        for k in MEASURES:
+            wall, cpu = timed(runs[k])
+            times["wall"][k].append(wall)
+            times["cpu"][k].append(cpu)
+        print(f"  {name} {variant} rep {rep + 1}/{reps} (wall/cpu s): " + " ".join(
+            f"{k} {times['wall'][k][-1]:.2f}/{times['cpu'][k][-1]:.2f}" for k in MEASURES),
+            flush=True)
+    result = dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
+                  seq_len=seq_len, reps=reps, trainable=sum(p.numel() for p in params),
+                  threads=torch.get_num_threads(), seconds=times)
+    for clock in ("wall", "cpu"):
+        med = {k: statistics.median(v) for k, v in times[clock].items()}
+        floor = 2 * len(blocks) * med["T_f"] + 2 * med["T_u"]
+        result[clock] = dict(median=med, floor=floor,
+                             speedup_vs_mezo=med["mezo"] / med["zo_pair"],
+                             pair_over_floor=med["zo_pair"] / floor,
+                             seq_over_floor=med["zo_seq"] / floor,
+                             mezo_over_floor=med["mezo"] / floor)
+    return result
+
+
+@torch.no_grad()
+def rounding_shares(name, dtype, *, step=1e-6, steps=3, seed=0) -> dict:
+    """16-bit weights (§4, F16 ZO): how much of a ZO-SGD update the write keeps, per rounding.
+
+    The model of shape `name` in `dtype`; the closure is a cheap loss through the LM head alone
+    (allow_unreached: every tensor is still updated by η·d·u), with η set so that |η·d| = `step`,
+    the scale of lr·d in the paper's runs (lr 1e-6 to 1e-7, |d| ~ 1). Per rounding: moved, the
+    share of entries a step changes (opt.moved_fraction), and kept = Σ (θ' − θ)·Δ / Σ Δ², the
+    share of the intended update Δ = −η d u that reached the weights (1 when nothing is lost).
+    """
+    out = {}
+    for rounding in optimizers.ROUNDINGS:
+        torch.manual_seed(seed)
+        model = models.from_config(models.config(name), dtype=dtype)
+        params = list(model.parameters())
+        x = torch.randn(1, model.config.hidden_size, dtype=dtype)
+        loss = lambda: model.lm_head(x).float().logsumexp(-1).sum()   # noqa: E731
+        opt = optimizers.ZOSGD(params, lr=0.0, seed=seed, rounding=rounding, allow_unreached=True)
+        moved, kept = [], []
+        for _ in range(steps):
+            before = [p.clone() for p in params]
+            seeds = opt.seed_stream.get_state()
+            opt.step(loss)                        # lr 0: learn d, then redo the step at η·|d|
+            opt.seed_stream.set_state(seeds)
+            opt.param_groups[0]["lr"] = step / abs(opt.projected_grad)
+            opt.step(loss)
+            opt.param_groups[0]["lr"] = 0.0
+            d, lr = opt.projected_grad, step / abs(opt.projected_grad)
+            num = den = 0.0
+            for i, (p, b) in enumerate(zip(params, before)):
+                delta = -lr * d * rge.direction(b, rge_seed(opt, seeds), i).double()
+                num += float(((p.double() - b.double()) * delta).sum())
+                den += float((delta * delta).sum())
+            moved.append(opt.moved_fraction)
+            kept.append(num / den)
+        out[rounding] = dict(moved=statistics.mean(moved), kept=statistics.mean(kept))
+    return out
+
+
+def rge_seed(opt, state):
+    """The first seed an optimizer's seed stream draws from generator state `state`."""
+    g = torch.Generator().set_state(state)
+    return int(torch.randint(2**40, (1,), generator=g))
+
+
+def hardware() -> dict:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(), load_average=load)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="opt-125m", help="comma-separated models.CONFIGS names")
+    ap.add_argument("--variants", default="full,lora", help="comma-separated: full, block, lora")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--seq_len", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="directory for one JSON per model and variant")
+    ap.add_argument("--rounding", action="store_true",
+                    help="instead: the share of a 16-bit update kept, per rounding (bf16, fp16)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for v in args.variants.split(","):
+        if v not in ("full", "block", "lora"):
+            ap.error(f"unknown variant {v!r}; choose from: full, block, lora")
+    results = []
+    if args.rounding:
+        for name in args.model.split(","):
+            for dtype in (torch.bfloat16, torch.float16):
+                r = dict(model=name, dtype=str(dtype), step=1e-6,
+                         shares=rounding_shares(name, dtype), hardware=hardware())
+                results.append(r)
+                print(json.dumps(r["shares"]), name, dtype, flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "rounding.json"), "w") as f:
+                json.dump(results, f, indent=2)
+        return results
+    for name in args.model.split(","):
+        for v in args.variants.split(","):
+            r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
+                        reps=args.reps) | dict(hardware=hardware())
+            results.append(r)
+            for clock in ("wall", "cpu"):
+                c = r[clock]
+                print(f"{name} {v} ({clock}): zo_pair {c['median']['zo_pair']:.2f}s, mezo "
+                      f"{c['median']['mezo']:.2f}s → {c['speedup_vs_mezo']:.2f}× faster; zo_pair"
+                      f" / floor {c['pair_over_floor']:.2f}, zo_seq / floor "
+                      f"{c['seq_over_floor']:.2f}", flush=True)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, f"{name}-{v}.json"), "w") as f:
+                    json.dump(r, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
