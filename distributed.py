@@ -180,10 +180,12 @@ def closure(model, batch: dict, world: World):
 
 
 def evaluate(model, data, world: World, batch_size: int) -> dict:
-    """tasks.metrics of every example's prediction, each rank predicting its share."""
+    """tasks.evaluate; data parallel: tasks.metrics of the predictions, each rank predicting
+    its share."""
+    if world.size == 1:
+        return tasks.evaluate(model, data, batch_size=batch_size)
     preds = tasks.predict(model, data, batch_size=batch_size, shard=(world.rank, world.size))
-    if world.size > 1:
-        dist.all_reduce(preds)           # every example predicted by one rank, 0 on the others
+    dist.all_reduce(preds)               # every example predicted by one rank, 0 on the others
     return tasks.metrics(data, preds.tolist())
 
 

@@ -103,8 +103,9 @@ pytestmark = [needs_shared]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_ranks_agree_bitwise_and_match_one_process(launch, opt_dir, tmp_path, name):
-    """10 steps on 3 + 2 examples per batch: both ranks' trainable tensors are bitwise equal, and
-    every step's loss and projected gradient equal one process's within the stated tolerance."""
+    """10 steps on 3 + 2 examples per batch: both ranks' trainable tensors are bitwise equal;
+    every step's loss and projected gradient equal one process's within the stated tolerance,
+    and the sharded evaluations give its dev and test accuracies."""
     _, root = launch
     out = root / name
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
@@ -118,6 +119,9 @@ def test_ranks_agree_bitwise_and_match_one_process(launch, opt_dir, tmp_path, na
         f_bound = abs(b["loss"]) + MU * abs(b["projected_grad"])          # ≥ |f+|, |f−|
         assert abs(a["loss"] - b["loss"]) <= REL * f_bound, (a, b)
         assert abs(a["projected_grad"] - b["projected_grad"]) <= REL * f_bound / MU, (a, b)
+        assert a.get("dev_accuracy") == b.get("dev_accuracy")    # sharded, then all-reduced
+    with open(out / "result.json") as f, open(tmp_path / name / "result.json") as g:
+        assert json.load(f)["test_metrics"] == json.load(g)["test_metrics"]
 
 
 @pytest.mark.slow
