@@ -36,7 +36,7 @@ def running_mean(x, window):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="*", default=["zo-sgd-lora", "zo-sgd-ft", "fo-adam-lora"],
+    ap.add_argument("runs", nargs="*", default=["zo-sgd-lora", "zo-sgd-ft", "fo-adam-ft"],
                     help="run directories under results/learning-run/")
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--out", default=os.path.join(HERE, "loss.png"))
