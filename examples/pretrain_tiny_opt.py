@@ -2,9 +2,10 @@
 
 No pretrained checkpoint can be downloaded on the machines this project is developed on, so the
 learning run in results/learning-run/ starts from a model made here. The result is NOT any
-facebook/opt checkpoint: it is a freshly initialised OPTForCausalLM (by default 4 layers, hidden 128,
-4 heads, 7.24M parameters, 6.43M of them the embedding tied to the LM head), trained with AdamW
-on next-token prediction over 614k tokens, with the real OPT/GPT-2 BPE tokenizer (50,272 ids).
+facebook/opt checkpoint: it is a freshly initialised OPTForCausalLM (by default 4 layers,
+hidden 128, 4 heads, 7.24M parameters, 6.43M of them the embedding tied to the LM head),
+trained with AdamW on next-token prediction over 614k tokens, with the real OPT/GPT-2 BPE
+tokenizer (50,272 ids).
 The LM head over the full vocabulary is ~90% of the FLOPs, hence the small width.
 
     python examples/pretrain_tiny_opt.py --out /work/models/tiny-opt
@@ -24,8 +25,8 @@ Recipe:
 3. Loss: next-token cross-entropy over the full vocabulary,
        L(θ) = −(1/N) Σ_t log p_θ(x_{t+1} | x_≤t).
    AdamW (β = 0.9, 0.95, decay 0.1 on matrices), linear warm-up then cosine decay to 10% of --lr,
-   gradients clipped to norm 1. Single-threaded data, torch's deterministic algorithms, one seed:
-   the same command on the same machine and thread count gives the same weights.
+   gradients clipped to norm 1. Torch's deterministic algorithms, one seed, --threads fixed: the
+   same command on the same machine gives the same weights (the test checks it).
 4. Saved with save_pretrained (model + tokenizer, OPT's settings: bos </s>, pad <pad>), plus
    pretrain_log.jsonl (loss per step) and pretrain.json (the configuration, corpus and timing).
    max_position_embeddings = --seq_len: train.py truncates its inputs to the positions trained.
@@ -63,7 +64,7 @@ def corpus(data_dir) -> list[str]:
     for r in _jsonl(os.path.join(data_dir, "multirc", "train.jsonl")):
         texts.append(r["passage"]["text"].replace("<br>", " "))
     for r in _jsonl(os.path.join(data_dir, "winogrande", "train_m.jsonl")):
-        texts += [r["sentence"].replace("_", r["option1"]), r["sentence"].replace("_", r["option2"])]
+        texts += [r["sentence"].replace("_", r[option]) for option in ("option1", "option2")]
     return sorted(set(t for t in texts if t))      # SST-2 repeats a few phrases
 
 
@@ -167,8 +168,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print_every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads; 1 gives the same weights on any machine and is the "
-                         "fastest where other jobs share the cores")
+                    help="CPU threads; the weights depend on it, so 1 (also the fastest where "
+                         "other jobs share the cores) makes them independent of the core count")
     args = ap.parse_args(argv)
     for name in ("layers", "hidden", "heads", "seq_len", "batch_size", "steps", "print_every",
                  "threads"):
