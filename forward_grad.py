@@ -4,7 +4,7 @@ Math (arXiv:2402.11592 §3, eq. (1) and App. A "Forward Gradient"; Baydin et al.
 direction u ~ N(0, I) the directional derivative f'(θ, u) = ∇f(θ)ᵀu gives an unbiased estimate
 
     E_u[(∇f(θ)ᵀu) u] = E_u[u uᵀ] ∇f(θ) = ∇f(θ),   and with q queries
-    ĝ = (1/q) Σ_j (∇f(θ)ᵀu_j) u_j  =  Σ_j c_j · u_j,   c_j = ∇f(θ)ᵀu_j / q.
+    ĝ = (1/q) Σ_j d_j u_j,   d_j = ∇f(θ)ᵀu_j (the projected gradient, exact here).
 
 RGE's finite difference [f(θ+μu) − f(θ−μu)]/(2μ) tends to the same ∇fᵀu as μ → 0; here it is
 exact, from a Jacobian-vector product instead of two forwards: one forward pass carrying dual
@@ -64,9 +64,9 @@ def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int) -> tu
 def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int]) -> rge.Estimate:
     """Forward gradient ĝ = (1/q) Σ_j (∇fᵀu_j) u_j (App. A), q = len(seeds): q dual forwards."""
     q = len(seeds)
-    losses, coeffs = [], []
+    losses, projected = [], []
     for seed in seeds:
         loss, slope = directional_derivative(loss_fn, params, seed)
         losses.append(loss)
-        coeffs.append(slope / q)                                   # eq. (1), one term
-    return rge.Estimate(sum(losses) / q, list(seeds), coeffs, forward_passes=q)
+        projected.append(slope)                                    # eq. (1): d_j = ∇fᵀu_j
+    return rge.Estimate(sum(losses) / q, list(seeds), projected, forward_passes=q)

@@ -12,11 +12,14 @@ beyond one tensor at a time plus the method's own state. The FO baselines get ĝ
 Structure: `ZeroOrderOptimizer.step(closure)` draws seeds, calls `self.estimate`, then calls
 `self.update(p, g, state, group)` for each tensor; a method is a subclass that overrides `update`
 (the rule sits under its formula). Three also override `estimate`, where the change lives in the
-scalars: Forward-Grad (a JVP instead of a finite difference), ZO-SGD-Sign's scalar mode (sign(c_j))
+scalars: Forward-Grad (a JVP instead of a finite difference), ZO-SGD-Sign's scalar mode (sign(d_j))
 and ZO-SGD-Cons (three more forwards choose h ∈ {0, ĝ, −ĝ}). `closure()` returns the scalar loss of
 the current batch; the ZO step calls it 2q times, the FO step once under autograd. Weight decay λ
 acts on ≥2-D tensors only: added to ĝ (coupled) for ZO and FO-SGD, decoupled for FO-Adam (AdamW).
 `OPTIMIZERS` maps `--opt` names to classes.
+
+Not here: the §5 variants, which group the tensors and mask u (variants.py); how the FO baselines
+sum a tied tensor's two gradients in place (tied_grads.py).
 
 References: 1) Zhang et al. 2024, arXiv:2402.11592, §3, App. A. 2) MeZO, Malladi et al. 2023,
 arXiv:2305.17333 (ZO-SGD). 3) Ghadimi & Lan 2013 (ZO-SGD). 4) Liu et al. 2019 (ZO-signSGD).
@@ -24,13 +27,13 @@ arXiv:2305.17333 (ZO-SGD). 3) Ghadimi & Lan 2013 (ZO-SGD). 4) Liu et al. 2019 (Z
 arXiv:2202.08587 (forward gradient). 8) Kingma & Ba 2014; Loshchilov & Hutter 2019 (AdamW).
 Not here: the estimate itself (rge.py, forward_grad.py); the loss (tasks.py); the loop (train.py).
 """
-import inspect
+import math
 
 import torch
-from torch.nn.modules.module import register_module_forward_pre_hook
 
 import forward_grad
 import rge
+import tied_grads
 
 
 # ---- zeroth order -------------------------------------------------------------------------------
@@ -51,12 +54,12 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr, mu=1e-3, q=1, weight_decay=0.0, seed=0, **defaults):
         super().__init__(params, dict(lr=lr, mu=mu, q=q, weight_decay=weight_decay, **defaults))
-        self.seeds = torch.Generator().manual_seed(seed)
+        self.seed_stream = torch.Generator().manual_seed(seed)  # draws the seeds
         self.forward_passes = 0       # of the last step, for the log
         self.projected_grad = None    # mean (f+ − f−)/(2μ) of the last step, for the log
 
     def next_seed(self) -> int:
-        return int(torch.randint(2**40, (1,), generator=self.seeds))
+        return int(torch.randint(2**40, (1,), generator=self.seed_stream))
 
     def mask(self, group) -> rge.Mask | None:
         """The group's sparse mask for this step: a fresh seed every `mask_every` steps."""
@@ -75,7 +78,7 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure) -> float:
-        losses, coeffs, self.forward_passes = [], [], 0
+        losses, projected, self.forward_passes = [], [], 0
         for group in self.param_groups:                     # one group per block when block-wise
             est = self.estimate(closure, group["params"], group)
             for p, g in rge.gradients(est, group["params"]):
@@ -83,9 +86,9 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
                     g.add_(p, alpha=group["weight_decay"])
                 self.update(p, g, self.state[p], group)
             losses.append(est.loss)
-            coeffs.append(sum(est.coeffs))      # c_j = d_j / q, so Σ c_j = mean d_j
+            projected.append(sum(est.projected_grads) / len(est.projected_grads))
             self.forward_passes += est.forward_passes
-        self.projected_grad = sum(coeffs) / len(coeffs)
+        self.projected_grad = sum(projected) / len(projected)
         return sum(losses) / len(losses)
 
     def update(self, p, g, state, group):
@@ -105,9 +108,9 @@ class ZOSGDSign(ZeroOrderOptimizer):
     sign="element" (§3: "element-wise sign"; for q > 1 the sign of the q-averaged ĝ):
         θ ← θ − η sign(ĝ)
     sign="scalar" (App. A and the released code: the sign of each projected gradient, times u):
-        θ ← θ − η (1/q) Σ_j sign(c_j) u_j
+        θ ← θ − η (1/q) Σ_j sign(d_j) u_j
     The first is signSGD on the estimate (every coordinate moves by exactly η); the second keeps
-    u and only quantises the scalars, i.e. ZO-SGD with |c_j| set to 1/q (the log's projected_grad
+    u and only quantises the scalars, i.e. ZO-SGD with |d_j| set to 1 (the log's projected_grad
     is then the mean sign). Coupled weight decay enters before the sign: sign(ĝ + λθ).
     """
 
@@ -118,8 +121,9 @@ class ZOSGDSign(ZeroOrderOptimizer):
 
     def estimate(self, closure, params, group):
         est = super().estimate(closure, params, group)
-        if group["sign"] == "scalar":                   # ĝ = (1/q) Σ_j sign(c_j) u_j
-            est.coeffs = [((c > 0) - (c < 0)) / len(est.coeffs) for c in est.coeffs]
+        if group["sign"] == "scalar":                   # ĝ = (1/q) Σ_j sign(d_j) u_j
+            est.projected_grads = [math.copysign(1.0, d) if d else 0.0
+                                   for d in est.projected_grads]
         return est
 
     def update(self, p, g, state, group):
@@ -150,7 +154,7 @@ class ZOSGDCons(ZOSGD):
 
     The documented exception to "override only update": `estimate` spends three more forwards,
     f(θ) and the two candidates, evaluated functionally (`rge.perturbed` along the q directions of
-    ĝ, scaled by ∓ηc_j), so no weight is written before the choice; `update` then writes the
+    ĝ, scaled by ∓ηd_j/q), so no weight is written before the choice; `update` then writes the
     winner, equal to the evaluated point up to rounding (nothing if θ wins; ties keep θ). Logged:
     loss f(θ), and the projected gradient of ĝ whatever wins. Weight decay is refused: the three
     points are compared on f alone, and the paper defines no decayed variant.
@@ -165,8 +169,9 @@ class ZOSGDCons(ZOSGD):
     def estimate(self, closure, params, group):
         f = {0: float(closure())}                                        # 1) f(θ)
         est = super().estimate(closure, params, group)                   # 2) ĝ from 2q forwards
+        q = len(est.seeds)
         for h in (1, -1):                                                # 3) f(θ − hηĝ)
-            scales = [-h * group["lr"] * c for c in est.coeffs]
+            scales = [-h * group["lr"] * d / q for d in est.projected_grads]
             with rge.perturbed(params, est.seeds, scales, est.mask):
                 f[h] = float(closure())
         self.choice = min(f, key=f.get)                 # the first minimum: ties keep θ
@@ -234,41 +239,6 @@ def decay_groups(params, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _tied_grads_in_place(params):
-    """Within the block, modules after the first to run with a trainable tensor get an alias.
-
-    A tensor that two modules use (a tied embedding and LM head) gets two gradients, and torch's
-    autograd sums them out of place before storing the sum: three tensor-sized buffers at once,
-    one |x_l| more than summing in place. The alias shares θ's storage (no copy) but is a leaf of
-    its own, made once per tensor and step (so autocast casts it once); when back-prop has
-    accumulated its gradient (the head's, which arrives first), a hook moves it into θ.grad (taken
-    as is while θ.grad is None, else added in place), and the other gradient is then added in
-    place by autograd itself: two buffers at most, the same sum. Only reads inside the owning
-    modules' forwards are aliased (as in rge.swapped), frozen tensors never are, several reads of
-    the alias (a module run twice) are summed by autograd as usual, and a hook on θ itself sees
-    the first module's gradient alone.
-    """
-    aliases, first = {}, set()
-
-    def move(theta, alias):
-        if theta.grad is None:
-            theta.grad = alias.grad
-        else:
-            theta.grad.add_(alias.grad)
-        alias.grad = None
-
-    def replace(p, i):
-        if i not in first or not p.requires_grad:
-            first.add(i)
-            return p
-        if i not in aliases:
-            aliases[i] = p.detach().requires_grad_()
-            aliases[i].register_post_accumulate_grad_hook(lambda a, theta=p: move(theta, a))
-        return aliases[i]
-
-    return rge.swapped(params, replace)
-
-
 class BackProp:
     """Mixin turning a torch optimizer into `step(closure) -> float` with a backward inside.
 
@@ -276,7 +246,7 @@ class BackProp:
     (the loss is scaled so that small fp16 gradients do not flush to zero, the update is skipped on
     inf/NaN), in bf16 on CPU (no scaler needed: bf16 has fp32's range). The weights, gradients and
     states keep their dtype, so use it with fp32 weights. A tensor used twice (tied weights) has
-    its gradients summed in place (`_tied_grads_in_place`).
+    its gradients summed in place (tied_grads.py).
     """
     forward_passes, projected_grad = 1, None
 
@@ -293,7 +263,7 @@ class BackProp:
         self.zero_grad(set_to_none=True)
         params = [p for g in self.param_groups for p in g["params"]]
         with torch.enable_grad():
-            with _tied_grads_in_place(params), torch.autocast(self.device, dtype=self.amp_dtype,
+            with tied_grads.in_place(params), torch.autocast(self.device, dtype=self.amp_dtype,
                                                               enabled=self.amp):
                 loss = closure()
             self.scaler.scale(loss).backward()
@@ -317,71 +287,6 @@ class FOAdam(BackProp, torch.optim.AdamW):
                          eps=eps)
 
 
-# ---- §5 variants: blocks and the hybrid ZO-FO split --------------------------------------------
-
-FO_PARTNER = {"zo_sgd": "fo_sgd", "zo_adam": "fo_adam"}    # --zo_layers: the back-prop half
-
-
-def layers(model) -> torch.nn.ModuleList:
-    """The transformer layers: the first non-empty nn.ModuleList of the model (OPT decoder.layers,
-    LLaMA/Mistral model.layers, RoBERTa encoder.layer)."""
-    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m))
-
-
-@torch.no_grad()
-def blocks(model, params) -> list[tuple[int, list]]:
-    """`params` by block (§5): (−1, embeddings), (j, layer j) for each layer j, (n, norm/head).
-
-    A tensor outside the layers joins the embeddings if its module runs before layer 0 in a
-    one-token forward, else the head. Registration order cannot tell (OPT registers its final norm
-    before its layers), and the hybrid split must get the embeddings right, or back-prop would run
-    down to them. A tied head stays with the embeddings. Blocks without a trainable tensor are
-    dropped: OPT-1.3B has 26 (both embeddings in one, 24 layers, final norm; the released code
-    counts 27, with the two embeddings apart); with LoRA a block is its layer's adapters.
-    """
-    stack = layers(model)
-    block = {id(p): j for j, layer in enumerate(stack) for p in layer.parameters()}
-    ran = []
-    hook = register_module_forward_pre_hook(lambda module, args: ran.append(module))
-    try:
-        device = model.get_input_embeddings().weight.device
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
-    finally:
-        hook.remove()
-    for module in ran[:ran.index(stack[0])]:
-        for p in module.parameters(recurse=False):
-            block.setdefault(id(p), -1)
-    parts = {}
-    for p in params:
-        parts.setdefault(block.get(id(p), len(stack)), []).append(p)
-    return sorted(parts.items())
-
-
-class Hybrid:
-    """Hybrid ZO-FO (§5, Tab. 7): ZO on the embeddings and first K layers, back-prop on the rest.
-
-    The ZO tensors have requires_grad False, so autograd records nothing before the first FO
-    tensor: back-prop stops at layer K+1 and only layers K+1…n keep activations, so the memory
-    falls as K grows. One step (Gauss–Seidel over the two parts, like block-wise ZO):
-    1) the FO step: one forward at θ_t, whose loss is the step's loss, backward, update of the deep
-       tensors, whose gradients are then freed; 2) the ZO step of the shallow tensors, 2q forwards
-       at the updated deep tensors.
-    FO first, so the logged loss is the unperturbed f(θ_t), as in a pure FO run.
-    """
-
-    def __init__(self, zo, fo):
-        self.zo, self.fo = zo, fo
-        self.param_groups = zo.param_groups + fo.param_groups   # the loop sets their lr
-
-    def step(self, closure) -> float:
-        loss = self.fo.step(closure)
-        self.fo.zero_grad(set_to_none=True)  # spent: the ZO forwards need no deep-layer gradient
-        self.zo.step(closure)
-        self.forward_passes = self.fo.forward_passes + self.zo.forward_passes
-        self.projected_grad = self.zo.projected_grad
-        return loss
-
-
 # ---- registry -----------------------------------------------------------------------------------
 
 OPTIMIZERS = {
@@ -394,66 +299,3 @@ OPTIMIZERS = {
     "fo_sgd": FOSGD,
     "fo_adam": FOAdam,
 }
-
-
-def build(name: str, params, **hparams) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params`, given the hyper-parameters its constructor takes."""
-    cls = OPTIMIZERS[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(params, **{k: v for k, v in hparams.items() if k in accepted})
-
-
-def check_variant(name: str, model=None, *, block=False, zo_layers=None, sparsity=0.0):
-    """Raise ValueError, in one line, for a §5 variant that optimizer `name` cannot run."""
-    cls, zo = OPTIMIZERS[name], ZeroOrderOptimizer
-    if (block or zo_layers is not None or sparsity) and not issubclass(cls, zo):
-        raise ValueError(f"--block, --zo_layers and --sparsity are options of the ZO optimizers, "
-                         f"not of {name}")
-    if block and inspect.unwrap(cls.step) is not inspect.unwrap(zo.step):    # torch wraps step
-        raise ValueError(f"{name} steps the whole model at once; it has no --block mode")
-    if zo_layers is not None and FO_PARTNER.get(name) not in OPTIMIZERS:
-        pairs = ", ".join(f"{z} + {f}" for z, f in FO_PARTNER.items() if f in OPTIMIZERS)
-        raise ValueError(f"--zo_layers pairs {pairs}; {name} has no first-order partner")
-    if sparsity and issubclass(cls, FwdGradSGD):
-        raise ValueError(f"--sparsity masks RGE directions; {name} draws JVP tangents instead")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if model is not None and zo_layers is not None and not 0 <= zo_layers <= len(layers(model)):
-        raise ValueError(f"--zo_layers must be in 0..{len(layers(model))}, got {zo_layers}")
-
-
-def build_variant(name: str, model, params, *, block=False, zo_layers=None, sparsity=0.0,
-                  mask_every=1, pretrained=True, **hparams):
-    """`build` with the §5 variants, which combine: block-wise (a param group per block), hybrid
-    (`zo_layers` = K: `name` on the embeddings and first K layers, its FO_PARTNER on the rest)
-    and sparse (ratios of the ZO tensors by rge.sparsity_ratios, masks redrawn every `mask_every`
-    steps; with `pretrained` False, e.g. fresh adapters whose magnitudes mean nothing yet, every
-    tensor gets the ratio `sparsity`, the released code's "layer" mode). A model is needed for
-    blocks and the hybrid split only."""
-    check_variant(name, model, block=block, zo_layers=zo_layers, sparsity=sparsity)
-    params = list(params)
-    if not (block or zo_layers is not None or sparsity):
-        return build(name, params, **hparams)
-    parts = blocks(model, params) if block or zo_layers is not None else [(-1, params)]
-    cut = float("inf")                          # blocks with a key below the cut are tuned by ZO
-    if zo_layers is not None:                   # Tab. 7's ends: K = 0 leaves even the embeddings
-        n = len(layers(model))                  # to FO, K = n gives ZO the head too
-        cut = -1 if zo_layers == 0 else zo_layers if zo_layers < n else n + 1
-    fo = [p for key, ps in parts if key >= cut for p in ps]
-    zo = [ps for key, ps in parts if key < cut]
-    if not block:
-        zo = [[p for ps in zo for p in ps]]
-    groups = [{"params": ps} for ps in zo if ps]
-    if sparsity:
-        zo_params = [p for ps in zo for p in ps]
-        ratios = iter(rge.sparsity_ratios(zo_params, sparsity) if pretrained
-                      else [sparsity] * len(zo_params))
-        for g in groups:
-            g.update(sparsity=[next(ratios) for _ in g["params"]], mask_every=mask_every)
-    if zo_layers is not None:                   # autograd then records nothing below layer K
-        fo_ids = {id(p) for p in fo}
-        for p in params:
-            p.requires_grad_(id(p) in fo_ids)
-    zo_opt = build(name, groups, **hparams) if groups else None
-    fo_opt = build(FO_PARTNER[name], fo, **hparams) if fo else None
-    return Hybrid(zo_opt, fo_opt) if zo_opt and fo_opt else zo_opt or fo_opt

@@ -37,22 +37,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+import models
+
 METHODS = ("ft", "lora", "prefix", "prompt")
 
 
-class Family(NamedTuple):
-    stack: str          # under model.base_model, the module every forward passes through
-                        # (OPTForCausalLM calls model.decoder, skipping OPTModel)
-    layers: str         # its list of transformer layers
-    attention: str      # the self-attention module inside one layer
+class Adapted(NamedTuple):
+    attention: str       # the self-attention module inside one transformer layer (prefixes)
     lora_targets: tuple  # default LoRA targets: the q and v projections
 
 
-FAMILIES = {
-    "opt": Family("decoder", "decoder.layers", "self_attn", ("q_proj", "v_proj")),
-    "roberta": Family("", "encoder.layer", "attention.self", ("query", "value")),
-    "llama": Family("", "layers", "self_attn", ("q_proj", "v_proj")),
-    "mistral": Family("", "layers", "self_attn", ("q_proj", "v_proj")),
+FAMILIES = {  # the model types our adapters know; models.py has their stack and layers
+    "opt": Adapted("self_attn", ("q_proj", "v_proj")),
+    "roberta": Adapted("attention.self", ("query", "value")),
+    "llama": Adapted("self_attn", ("q_proj", "v_proj")),
+    "mistral": Adapted("self_attn", ("q_proj", "v_proj")),
 }
 CONFIG, WEIGHTS = "zo_adapter.json", "zo_adapter.safetensors"
 
@@ -212,7 +211,7 @@ def _add_lora(model, family, hp):
 
 
 def _add_prefix(model, family, hp):
-    stack = model.base_model.get_submodule(FAMILIES[family].stack)
+    stack = models.stack(model)
     ids = _real_token_ids(model, hp["num_prefix"], hp["seed"])
     kv, training = DynamicCache(), model.training
     model.eval()                      # no dropout in the activations we copy
@@ -220,7 +219,7 @@ def _add_prefix(model, family, hp):
         stack(input_ids=ids[None].to(model.get_input_embeddings().weight.device), cache=kv)
     model.train(training)
     prefixes = []
-    for i, layer in enumerate(model.base_model.get_submodule(FAMILIES[family].layers)):
+    for i, layer in enumerate(models.layers(model)):
         attention = layer.get_submodule(FAMILIES[family].attention)
         attention.prefix = Prefix(kv.layers[i].keys[0], kv.layers[i].values[0])
         prefixes.append(attention.prefix)
@@ -229,7 +228,7 @@ def _add_prefix(model, family, hp):
 
 
 def _add_prompt(model, family, hp):
-    stack = model.base_model.get_submodule(FAMILIES[family].stack)
+    stack = models.stack(model)
     table = model.get_input_embeddings().weight
     ids = _real_token_ids(model, hp["num_virtual_tokens"], hp["seed"]).to(table.device)
     stack.prompt = Prompt(table[ids])

@@ -3,11 +3,11 @@
 Math (arXiv:2402.11592 §3, eq. (1)): for a loss f(θ), q random directions u_j ~ N(0, I) and a
 smoothing radius μ, the two-sided estimate is
 
-    ĝ = (1/q) Σ_j [f(θ + μu_j) − f(θ − μu_j)] / (2μ) · u_j  =  Σ_j c_j · u_j,
+    ĝ = (1/q) Σ_j d_j · u_j,   d_j = [f(θ + μu_j) − f(θ − μu_j)] / (2μ),
 
 an unbiased estimate of the gradient of the Gaussian-smoothed loss f_μ(θ) = E_u f(θ + μu), which
-tends to ∇f(θ) as μ → 0 and q grows. Each scalar c_j = [f(θ+μu_j) − f(θ−μu_j)] / (2μq) is the
-projected gradient along u_j (divided by q).
+tends to ∇f(θ) as μ → 0 and q grows. The scalar d_j, the projected gradient, estimates the
+directional derivative ∇f(θ)ᵀu_j.
 
 The memory trick (MeZO, arXiv:2305.17333, Alg. 1): u is never stored. The slice of u_j that belongs
 to trainable tensor i is drawn from its own generator seeded by (seed_j, i), so it can be redrawn at
@@ -51,10 +51,11 @@ class Mask:
 
 @dataclass
 class Estimate:
-    """ĝ = Σ_j coeffs[j] · u(seeds[j]): the whole gradient estimate in a few scalars."""
+    """ĝ = (1/q) Σ_j projected_grads[j] · u(seeds[j]): the whole gradient estimate in a few
+    scalars, q = len(seeds)."""
     loss: float                # mean of f(θ+μu_j) and f(θ−μu_j) over the queries ≈ f(θ)
     seeds: list[int]           # one seed per direction u_j
-    coeffs: list[float]        # c_j, the projected gradients already divided by q
+    projected_grads: list[float]  # d_j = [f(θ+μu_j) − f(θ−μu_j)] / (2μ) ≈ ∇fᵀu_j
     forward_passes: int        # forwards spent on this estimate
     mask: Mask | None = None   # the directions' sparse mask, if any
 
@@ -178,7 +179,7 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
     it sees θ ± μu_j without θ ever being written. With a mask, every u_j is masked by it.
     """
     q = len(seeds)
-    losses, coeffs = [], []
+    losses, projected = [], []
     for seed in seeds:
         with perturbed(params, seed, +mu, mask) as reached:
             f_plus = float(loss_fn())                                 # f(θ + μu_j)
@@ -187,18 +188,18 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
         if not math.isfinite(f_plus + f_minus):       # stop before a NaN reaches the weights
             raise FloatingPointError(f"rge: the loss at θ ± μu is {f_plus}, {f_minus}")
         losses.append((f_plus + f_minus) / 2)
-        coeffs.append((f_plus - f_minus) / (2 * mu * q))              # eq. (1), one term
+        projected.append((f_plus - f_minus) / (2 * mu))               # eq. (1): d_j
     warn_unreached(params, reached)
-    return Estimate(sum(losses) / q, list(seeds), coeffs, forward_passes=2 * q, mask=mask)
+    return Estimate(sum(losses) / q, list(seeds), projected, forward_passes=2 * q, mask=mask)
 
 
 def gradients(est: Estimate, params: list[torch.Tensor]):
-    """Yield (p, ĝ_p) one tensor at a time, redrawing u_j from the seeds: ĝ_p = Σ_j c_j u_j[p].
-
-    Only one tensor-sized buffer is alive at a time; nothing parameter-sized is stored.
+    """Yield (p, ĝ_p) one tensor at a time, redrawing u_j from the seeds:
+    ĝ_p = (1/q) Σ_j d_j u_j[p]. Only one tensor-sized buffer is alive at a time.
     """
+    q = len(est.seeds)
     for i, p in enumerate(params):
-        g = direction(p, est.seeds[0], i, est.mask).mul_(est.coeffs[0])
-        for seed, c in zip(est.seeds[1:], est.coeffs[1:]):
-            g.add_(direction(p, seed, i, est.mask), alpha=c)
+        g = direction(p, est.seeds[0], i, est.mask).mul_(est.projected_grads[0] / q)
+        for seed, d in zip(est.seeds[1:], est.projected_grads[1:]):
+            g.add_(direction(p, seed, i, est.mask), alpha=d / q)
         yield p, g

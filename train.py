@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
+                          AutoTokenizer)
+from transformers.utils import logging as hf_logging
 
 import memory
+import models
 import optimizers
 import peft
 import tasks
-
-DTYPES, MLM_TYPES = memory.DTYPES, memory.MLM_TYPES   # weight dtypes; masked-LM model types
+import variants
 
 
 def opt_field(default, help, **kw):
@@ -47,7 +50,7 @@ def opt_field(default, help, **kw):
 class Config:
     # model
     model: str = opt_field("facebook/opt-1.3b", "hub id or local directory of the model")
-    dtype: str = opt_field("fp32", "weight dtype", choices=tuple(DTYPES))
+    dtype: str = opt_field("fp32", "weight dtype", choices=tuple(models.DTYPES))
     device: str = opt_field(None, "device (default: cuda if available, else cpu)")
     # task
     task: str = opt_field("sst2", "task", choices=tuple(tasks.TASKS))
@@ -139,7 +142,7 @@ def check(cfg: Config) -> Config:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     try:
-        optimizers.check_variant(cfg.opt, **variant(cfg))
+        variants.check(cfg.opt, **variant(cfg))
     except ValueError as e:
         raise UserError(str(e)) from e
     if cfg.amp and not issubclass(optimizers.OPTIMIZERS[cfg.opt], optimizers.BackProp):
@@ -152,28 +155,36 @@ def check(cfg: Config) -> Config:
 
 
 def variant(cfg: Config) -> dict:
-    """The §5 options as optimizers.check_variant takes them."""
+    """The §5 options as variants.check and variants.build take them."""
     return dict(block=cfg.block, zo_layers=cfg.zo_layers, sparsity=cfg.sparsity)
 
 
-def model_kind(cfg: Config) -> bool:
+def hyperparameters(cfg: Config, name: str) -> dict:
+    """The constructor arguments of optimizer `name`, spelled out: a misspelt one is an error."""
+    fo = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    zo = fo | dict(mu=cfg.mu, q=cfg.q, seed=cfg.seed)
+    adam = dict(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+    return {"zo_sgd": zo, "zo_sgd_sign": zo | dict(sign=cfg.sign),
+            "zo_sgd_mmt": zo | dict(momentum=cfg.momentum), "zo_sgd_cons": zo,
+            "zo_adam": zo | adam | dict(amsgrad=not cfg.no_amsgrad), "forward_grad": zo,
+            "fo_sgd": fo | dict(amp=cfg.amp), "fo_adam": fo | adam | dict(amp=cfg.amp)}[name]
+
+
+def is_masked_lm(cfg: Config) -> bool:
     """Read the model's config only (no weights): True for a masked LM such as RoBERTa."""
-    from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {cfg.model}: cannot load ({str(e).splitlines()[0]})")
-    return config.model_type in MLM_TYPES
+    return models.is_masked_lm(config)
 
 
 def load_model(cfg: Config, device, mlm: bool):
     """Model and tokenizer from a hub id or a local directory, frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-    from transformers.utils import logging
-    logging.disable_progress_bar()               # one progress bar on screen: the training one
+    hf_logging.disable_progress_bar()               # one progress bar on screen: the training one
     auto = AutoModelForMaskedLM if mlm else AutoModelForCausalLM
     kw = {"attn_implementation": "eager"} if cfg.opt == "forward_grad" else {}
-    model = auto.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **kw).to(device).eval()
+    model = auto.from_pretrained(cfg.model, dtype=models.DTYPES[cfg.dtype], **kw).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if not tokenizer("a", add_special_tokens=False).input_ids:
         raise UserError(f"--model {cfg.model}: its tokenizer encodes text to nothing "
@@ -187,7 +198,7 @@ def load_model(cfg: Config, device, mlm: bool):
 def max_length(cfg: Config, model) -> int:
     """The longest input the model can take, less the positions a prompt or prefix occupies."""
     limit = getattr(model.config, "max_position_embeddings", cfg.max_length)
-    if model.config.model_type in MLM_TYPES:
+    if models.is_masked_lm(model.config):
         limit -= 2                               # RoBERTa's positions start after the pad index
     reserved = {"prompt": cfg.num_virtual_tokens, "prefix": cfg.num_prefix}.get(cfg.peft, 0)
     return min(cfg.max_length, limit) - reserved
@@ -217,7 +228,8 @@ class Run:
     splits: tuple             # train, dev, test examples
     params: list              # the trainable tensors
     opt: torch.optim.Optimizer
-    batches: object           # endless iterator of encoded training batches
+    batches: tasks.Batches    # training batches by step: batches.at(k) for step k + 1
+    eval_sets: tuple          # dev and test, encoded once (tasks.EvalSet)
     length: int               # the longest input, in tokens
 
 
@@ -226,16 +238,15 @@ def train(cfg: Config, run: Run) -> dict:
     model, opt, params, device = run.model, run.opt, run.params, run.device
     train_set, dev_set, test_set = run.splits
 
-    def evaluate(examples):
-        return tasks.evaluate(model, run.tokenizer, cfg.task, examples, mlm=run.mlm,
-                              batch_size=cfg.eval_batch_size, max_length=run.length)
+    def evaluate(data):
+        return tasks.evaluate(model, data, batch_size=cfg.eval_batch_size)
 
     best = {"dev_accuracy": -1.0, "step": 0, "weights": None}
     peak, step_times, passes = 0, [], 0
     log = open(os.path.join(cfg.output_dir, "log.jsonl"), "w")
     bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True)
     for step in bar:
-        batch = tasks.to(next(run.batches), device)
+        batch = tasks.to(run.batches.at(step - 1), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
         memory.reset(device)
@@ -251,7 +262,7 @@ def train(cfg: Config, run: Run) -> dict:
                                   forward_passes=opt.forward_passes)) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{step_times[-1] * 1e3:.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            dev = evaluate(dev_set)["accuracy"]
+            dev = evaluate(run.eval_sets[0])["accuracy"]
             tqdm.write(f"step {step} | dev accuracy {dev:.4f}")
             if dev > best["dev_accuracy"]:
                 keep = cfg.select == "best" and step != cfg.steps
@@ -264,7 +275,7 @@ def train(cfg: Config, run: Run) -> dict:
         with torch.no_grad():
             for p, w in zip(params, best["weights"]):
                 p.copy_(w)
-    test = evaluate(test_set)
+    test = evaluate(run.eval_sets[1])
     return dict(dev_accuracy=best["dev_accuracy"], test_accuracy=test["accuracy"],
                 test_metrics=test, selected_step=best["step"],
                 peak_memory_gb=peak / memory.GIB, step_time_s=sum(step_times) / len(step_times),
@@ -289,7 +300,7 @@ def setup(cfg: Config) -> Run:
     """Everything that can fail on bad input, before anything is written."""
     device = pick_device(cfg)
     try:
-        task, mlm = tasks.get(cfg.task), model_kind(cfg)
+        task, mlm = tasks.get(cfg.task), is_masked_lm(cfg)
         splits = tasks.load(task, cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
                             num_eval=cfg.num_eval, seed=cfg.data_seed, align=not cfg.no_align,
                             mlm=mlm)
@@ -301,18 +312,18 @@ def setup(cfg: Config) -> Run:
         params = peft.apply(model, cfg.peft, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_targets=targets, num_prefix=cfg.num_prefix,
                             num_virtual_tokens=cfg.num_virtual_tokens, seed=cfg.seed)
-        opt = optimizers.build_variant(
-            cfg.opt, model, params, **variant(cfg), mask_every=cfg.mask_every,
-            pretrained=cfg.peft == "ft", lr=cfg.lr,
-            mu=cfg.mu, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed,
-            momentum=cfg.momentum, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            amsgrad=not cfg.no_amsgrad, sign=cfg.sign, amp=cfg.amp)
+        partner = variants.FO_PARTNER.get(cfg.opt)
+        opt = variants.build(cfg.opt, model, params, hyperparameters(cfg, cfg.opt),
+                             hyperparameters(cfg, partner) if partner else None, **variant(cfg),
+                             mask_every=cfg.mask_every, pretrained=cfg.peft == "ft")
         batches = tasks.batches(tokenizer, task, splits[0], batch_size=cfg.batch_size,
                                 seed=cfg.seed, max_length=length, mlm=mlm)
+        eval_sets = tuple(tasks.encode_eval(tokenizer, split, max_length=length, mlm=mlm)
+                          for split in splits[1:])
         os.makedirs(cfg.output_dir, exist_ok=True)
     except (ValueError, OSError) as e:   # DataError, peft's and the optimizers' checks, files
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, length)
+    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, eval_sets, length)
 
 
 def main(cfg: Config) -> dict:

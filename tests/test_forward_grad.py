@@ -10,7 +10,7 @@ import torch
 import forward_grad
 import optimizers
 import rge
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, tiny_model, make_optimizer
 
 # no pad ids (0, 1): back-prop treats nn.Embedding's padding_idx row as constant, a JVP does not
 IDS = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def test_forward_grad_step_matches_formula():
     g = torch.Generator().manual_seed(3)                # the optimizer's seed stream
     seeds = [int(torch.randint(2**40, (1,), generator=g)) for _ in range(2)]
     slopes = autograd_slopes(oracle, seeds)
-    opt = optimizers.build("forward_grad", list(model.parameters()), lr=1e-2, q=2, seed=3)
+    opt = make_optimizer("forward_grad", list(model.parameters()), lr=1e-2, q=2, seed=3)
     opt.step(lm_loss(model))
     assert opt.forward_passes == 2
     for i, (p, p0) in enumerate(zip(model.parameters(), oracle.parameters())):
@@ -61,7 +61,7 @@ def test_non_finite_slope_stops_before_any_write():
     layer = torch.nn.Linear(4, 1).half()
     before = layer.weight.detach().clone()
     x = torch.full((4,), 1e4, dtype=torch.float16)      # tangent uᵀx·1e4 > fp16's 65504
-    opt = optimizers.build("forward_grad", list(layer.parameters()), lr=1.0)
+    opt = make_optimizer("forward_grad", list(layer.parameters()), lr=1.0)
     with pytest.raises(FloatingPointError, match="directional derivative"):
         opt.step(lambda: layer(x).sum() * 1e4)
     assert torch.equal(layer.weight, before)

@@ -1,5 +1,6 @@
-"""memory.py: Tab. 5's rows by hand, the layer terms by hand, the CPU readings on a small model,
-the paper's configurations, bad input. Sizes only: nothing here asserts a time.
+"""memory.py and bench_memory.py: Tab. 5's rows by hand, the layer terms by hand, the CPU
+readings on a small model, the paper's configurations, bad input. Sizes only: nothing here
+asserts a time.
 
     python -m pytest tests/test_memory.py -q
 """
@@ -10,7 +11,9 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
+import bench_memory
 import memory
+import models
 from tiny import FAMILIES, tiny_config
 
 GIB, MIB = memory.GIB, 2**20
@@ -20,8 +23,8 @@ TERMS = dict(names=["embeddings", "layer 0", "layer 1", "head"], W=100, x=80,
 
 
 def meta(*argv):
-    """memory.py's rows for `argv` on the meta device: Tab. 5 alone, no memory used."""
-    return memory.main(["--device", "meta", *argv])
+    """bench_memory.py's rows for `argv` on the meta device: Tab. 5 alone, no memory used."""
+    return bench_memory.main(["--device", "meta", *argv])
 
 
 # ---- the memory model ---------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def test_opt125m_closed_form_and_f16():
     ("opt-350m", 331_196_416), ("opt-1.3b", 1_315_758_080), ("opt-13b", 12_853_473_280),
     ("llama-2-7b", 6_738_415_616), ("mistral-7b", 7_241_732_096)])
 def test_paper_configurations_have_the_published_sizes(name, params):
-    model = memory.build_model(memory.model_config(name), device="meta")
+    model = models.from_config(models.config(name), device="meta")
     assert sum(p.numel() for p in model.parameters()) == params
 
 
@@ -135,13 +138,13 @@ def test_synthetic_losses_against_the_models_own_logits(family):
     `labels=` loss (next token, or same token for a masked LM). Neither keeps a KV cache (two
     tensors of the hidden size per layer and token), which no training step holds."""
     torch.manual_seed(0)
-    model = memory.build_model(tiny_config(family, vocab_size=64))
+    model = models.from_config(tiny_config(family, vocab_size=64))
     ids = torch.randint(4, 64, (3, 7))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         reference, default_caches = _caches(lambda: model(input_ids=ids, labels=ids).loss)
-        (task, lm), caches = _caches(lambda: [memory.synthetic_loss(model, ids, loss)()
-                                              for loss in memory.LOSSES])
+        (task, lm), caches = _caches(lambda: [bench_memory.synthetic_loss(model, ids, loss)()
+                                              for loss in bench_memory.LOSSES])
     oracle = -logits[:, -1].log_softmax(-1).gather(1, ids[:, :1]).mean()
     torch.testing.assert_close(task, oracle, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lm, reference, rtol=1e-5, atol=1e-6)
@@ -155,7 +158,7 @@ def test_both_losses_run_on_the_meta_device(family, tmp_path):
     tiny_config(family, vocab_size=64).save_pretrained(tmp_path)
     head = {(loss, T): meta("--model", str(tmp_path), "--opt", "fo_sgd", "--loss", loss,
                             "--batch_size", "2", "--seq_len", str(T))[0]["_terms"]["a_l"][-1]
-            for loss in memory.LOSSES for T in (8, 16)}
+            for loss in bench_memory.LOSSES for T in (8, 16)}
     extra = {T: head["lm", T] - head["task", T] for T in (8, 16)}
     assert 0 < extra[8] < extra[16]
 
@@ -175,7 +178,7 @@ def small_opt(tmp_path_factory):
 
 @pytest.mark.skipif(not os.path.exists(memory.CLEAR_REFS), reason="needs Linux /proc")
 def test_cpu_readings_weights_state_and_dynamic(small_opt):
-    zo, fo = memory.main(["--model", small_opt, "--opt", "zo_sgd,fo_sgd", "--device", "cpu",
+    zo, fo = bench_memory.main(["--model", small_opt, "--opt", "zo_sgd,fo_sgd", "--device", "cpu",
                           "--batch_size", "2", "--seq_len", "16", "--steps", "1"])
     for row in zo, fo:
         assert row["measured_weights"] * GIB == pytest.approx(row["_terms"]["W"], rel=0.03)
@@ -204,7 +207,7 @@ def test_hybrid_sweep_falls_with_zo_layers_and_is_written(small_opt, tmp_path, c
     assert os.path.exists(stem + ".png") or importlib.util.find_spec("matplotlib") is None
     cpu = ["--model", small_opt, "--device", "cpu", "--seq_len", "8", "--steps", "1",
            "--sweep", "zo_layers", "0,2", "--out", str(tmp_path)]
-    fo, zo = memory.main(cpu)
+    fo, zo = bench_memory.main(cpu)
     assert fo["measured_peak"] > zo["measured_peak"]
 
 

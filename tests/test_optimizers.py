@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 import optimizers
 import rge
-from tiny import tiny_model
+from tiny import tiny_model, make_optimizer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ZO = ["zo_sgd", "zo_sgd_sign", "zo_sgd_mmt", "zo_sgd_cons", "zo_adam", "forward_grad"]
@@ -88,7 +88,7 @@ def test_zero_lr_leaves_weights_bitwise_unchanged(dtype, name):
     """5 steps of any ZO optimizer with lr = 0 change no bit of any weight, in fp32/fp16/bf16."""
     model, loss = tiny_lm(dtype=dtype)
     before = snapshot(model)
-    opt = optimizers.build(name, list(model.parameters()), lr=0.0, mu=1e-3)
+    opt = make_optimizer(name, list(model.parameters()), lr=0.0, mu=1e-3)
     for _ in range(5):
         opt.step(loss)
     assert opt.projected_grad != 0.0                    # the estimate did see the perturbation
@@ -101,7 +101,7 @@ def test_same_seed_same_step():
     runs = []
     for seed in (5, 5, 6):
         model, loss = tiny_lm()
-        opt = optimizers.build("zo_sgd", list(model.parameters()), lr=1e-3, seed=seed)
+        opt = make_optimizer("zo_sgd", list(model.parameters()), lr=1e-3, seed=seed)
         for _ in range(3):
             opt.step(loss)
         runs.append(snapshot(model))
@@ -123,7 +123,7 @@ def test_gaussian_and_forward_passes_per_step(q, name, monkeypatch):
     calls = []
     draw = rge.direction
     monkeypatch.setattr(rge, "direction", lambda p, s, i, *m: calls.append(i) or draw(p, s, i, *m))
-    opt = optimizers.build(name, params, lr=1e-3, q=q)
+    opt = make_optimizer(name, params, lr=1e-3, q=q)
     opt.step(loss)
     draws, forwards = PASSES[name]
     assert sorted(calls) == sorted(list(range(len(params))) * draws * q)
@@ -139,7 +139,7 @@ def test_zo_sgd_step_matches_formula():
     seeds = seed_stream(3, 2)
     expected = [p - 1e-2 * g for p, g in
                 zip(oracle.parameters(), g_hat(oracle, seeds, rge_coeffs(oracle, seeds)))]
-    optimizers.build("zo_sgd", list(model.parameters()), lr=1e-2, mu=1e-3, q=2, seed=3).step(loss)
+    make_optimizer("zo_sgd", list(model.parameters()), lr=1e-2, mu=1e-3, q=2, seed=3).step(loss)
     assert_weights(model, expected)
 
 
@@ -154,7 +154,7 @@ def test_zo_sgd_sign_step_matches_formula(sign):
         steps = [g.sign() for g in g_hat(oracle, seeds, coeffs)]
     else:
         steps = g_hat(oracle, seeds, [float(torch.tensor(c).sign()) / 2 for c in coeffs])
-    opt = optimizers.build("zo_sgd_sign", list(model.parameters()), lr=1e-3, q=2, seed=3,
+    opt = make_optimizer("zo_sgd_sign", list(model.parameters()), lr=1e-3, q=2, seed=3,
                            sign=sign)
     opt.step(loss)
     assert_weights(model, [p - 1e-3 * s for p, s in zip(oracle.parameters(), steps)])
@@ -170,7 +170,7 @@ def two_steps(name, lr, oracle_update, grads, **hparams):
     oracle = copy.deepcopy(model)
     fo = name.startswith("fo_")
     params = [p.requires_grad_(fo) for p in model.parameters()]
-    opt = optimizers.build(name, params, lr=lr, q=2, seed=3, **hparams)
+    opt = make_optimizer(name, params, lr=lr, q=2, seed=3, **hparams)
     seeds = seed_stream(3, 4)
     for step in range(2):
         g = grads(copy.deepcopy(model), seeds[2 * step:2 * step + 2])
@@ -232,7 +232,7 @@ def test_zo_adam_max_rule_changes_the_step():
     runs = []
     for amsgrad in (True, False):
         model, loss = tiny_lm()
-        opt = optimizers.build("zo_adam", list(model.parameters()), lr=1e-3, beta2=0.5,
+        opt = make_optimizer("zo_adam", list(model.parameters()), lr=1e-3, beta2=0.5,
                                amsgrad=amsgrad)
         opt.step(loss)
         opt.step(loss)
@@ -248,7 +248,7 @@ def test_zo_sgd_cons_step_matches_formula():
     coeffs = rge_coeffs(oracle, seeds)
     candidates = [oracle] + [moved(oracle, seeds, [-h * 1e-2 * c for c in coeffs]) for h in (1, -1)]
     best = min(candidates, key=f)
-    opt = optimizers.build("zo_sgd_cons", list(model.parameters()), lr=1e-2, q=2, seed=3)
+    opt = make_optimizer("zo_sgd_cons", list(model.parameters()), lr=1e-2, q=2, seed=3)
     assert opt.step(loss) == pytest.approx(f(oracle), rel=1e-6)
     assert best is not oracle                           # a step was taken: the test says something
     assert_weights(model, list(best.parameters()))
@@ -271,7 +271,7 @@ def test_zo_sgd_cons_each_candidate_wins_in_turn(phi, s0, mu, lr, winner):
     theta = layer.weight.detach().clone()
     c = (phi(s0 + mu) - phi(s0 - mu)) / (2 * mu)         # ĝ = c u, the candidates θ ∓ η c u
     expected = {"θ": theta, "θ−ηĝ": theta - lr * c * u, "θ+ηĝ": theta + lr * c * u}[winner]
-    opt = optimizers.build("zo_sgd_cons", [layer.weight], lr=lr, mu=mu)
+    opt = make_optimizer("zo_sgd_cons", [layer.weight], lr=lr, mu=mu)
     assert opt.step(lambda: phi(layer(a[0]).sum())) == pytest.approx(phi(s0))
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-12, atol=1e-12)
 
@@ -282,7 +282,7 @@ def test_fo_sgd_step_matches_autograd():
     oracle = copy.deepcopy(model)
     grads = torch.autograd.grad(oracle(input_ids=IDS, labels=IDS).loss, list(oracle.parameters()))
     params = [p.requires_grad_(True) for p in model.parameters()]
-    optimizers.build("fo_sgd", params, lr=0.1).step(loss)
+    make_optimizer("fo_sgd", params, lr=0.1).step(loss)
     assert_weights(model, [p0.detach() - 0.1 * g for p0, g in zip(oracle.parameters(), grads)])
 
 
@@ -327,7 +327,7 @@ def test_fo_sums_tied_gradients_in_place_and_exactly(family):
     with LivePeak() as plain:
         loss().backward()
     expected = [p.grad for p in params]
-    optimizer = optimizers.build("fo_sgd", params, lr=0.0)
+    optimizer = make_optimizer("fo_sgd", params, lr=0.0)
     with LivePeak() as ours:
         optimizer.step(loss)
     for p, g in zip(params, expected):
@@ -365,7 +365,7 @@ def test_fo_reused_weight_gets_autograds_sum_in_place_and_a_frozen_one_none(call
     params = [p for p in model.parameters() if p.requires_grad]
     with LivePeak() as plain:
         expected = torch.autograd.grad(model(x), params)
-    optimizer = optimizers.build("fo_sgd", list(model.parameters()), lr=0.0)
+    optimizer = make_optimizer("fo_sgd", list(model.parameters()), lr=0.0)
     with LivePeak() as ours:
         optimizer.step(lambda: model(x))
     assert (model.weight.grad is None) == frozen
@@ -405,7 +405,7 @@ def test_fo_amp_runs_the_forward_in_bf16_on_cpu(name):
             seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
             return loss()
 
-        optimizers.build(name, params, lr=1e-2, amp=amp).step(closure)
+        make_optimizer(name, params, lr=1e-2, amp=amp).step(closure)
         runs.append(torch.cat([(p.detach() - before[n]).flatten()
                                for n, p in model.named_parameters()]))
     assert seen == [False, torch.bfloat16]
@@ -419,7 +419,7 @@ def test_fo_step_through_a_grad_scaler_equals_the_plain_step():
     model, loss = tiny_lm()
     oracle = copy.deepcopy(model)
     expected = [p - 0.1 * g for p, g in zip(oracle.parameters(), fo_grads(oracle, None))]
-    opt = optimizers.build("fo_sgd", [p.requires_grad_(True) for p in model.parameters()], lr=0.1)
+    opt = make_optimizer("fo_sgd", [p.requires_grad_(True) for p in model.parameters()], lr=0.1)
     opt.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # a power of 2: exact scaling
     opt.step(loss)
     assert opt.scaler.get_scale() == 2.0**10                       # finite gradients: kept
@@ -442,7 +442,7 @@ def test_every_optimizer_lowers_the_loss(name):
     loss = lambda: ((net(x) - y) ** 2).mean()
     params = [p.requires_grad_(name.startswith("fo_")) for p in net.parameters()]
     start = float(loss().detach())
-    opt = optimizers.build(name, params, lr=LOWERS[name], mu=1e-3, seed=0)
+    opt = make_optimizer(name, params, lr=LOWERS[name], mu=1e-3, seed=0)
     for _ in range(300):
         opt.step(loss)
     assert float(loss().detach()) < start / 10, start

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import peft
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, tiny_model, make_optimizer
 
 ADAPTERS = ("lora", "prefix", "prompt")
 CAUSAL = ("opt", "llama", "mistral")
@@ -343,7 +343,7 @@ def test_zero_lr_zo_sgd_leaves_adapter_and_base_bitwise(family, method, dtype):
     params = peft.apply(model, method)
     ids, mask = batch(model)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    opt = optimizers.build("zo_sgd", params, lr=0.0, mu=1e-2)
+    opt = make_optimizer("zo_sgd", params, lr=0.0, mu=1e-2)
     for _ in range(3):
         opt.step(lambda: logits(model, ids, mask).float().logsumexp(-1).mean())
     assert opt.projected_grad != 0.0

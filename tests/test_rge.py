@@ -80,4 +80,4 @@ def test_projected_gradient_is_the_directional_derivative():
     grads = torch.autograd.grad(loss(), params)
     est = rge.estimate(loss, params, seeds=[11], mu=1e-5)
     dot = sum((g * rge.direction(p, 11, i)).sum() for i, (p, g) in enumerate(zip(params, grads)))
-    assert est.coeffs[0] == pytest.approx(float(dot), rel=1e-6)
+    assert est.projected_grads[0] == pytest.approx(float(dot), rel=1e-6)

@@ -1,5 +1,6 @@
-"""tasks.py: exact templates, sampling on the real files, bad input, the hub path (offline), and
-loss / evaluation against a slow full-logits oracle on tiny models.
+"""tasks.py: exact templates, sampling on the real files, bad input, the hub path (offline),
+scores / loss / evaluation against a slow full-logits oracle on tiny models, sharded loss terms,
+and training batches as a function of (seed, step).
 
 Run: python -m pytest tests/test_tasks.py -q
 """
@@ -7,6 +8,7 @@ import functools
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,18 +240,23 @@ def rows(name, n):
     return hub, [json.dumps(r) for r in (local or hub)]
 
 
+def write_files(name, folder, n_train=12, n_valid=6):
+    """The task's two original-format files in `folder`, with n_train and n_valid rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for fname, n in zip(tasks.get(name).files, (n_train, n_valid)):
+        (folder / fname).write_text("\n".join(rows(name, n)[1]) + "\n", encoding="utf-8")
+    return folder
+
+
 def write_both(name, tmp_path, n_train=12, n_valid=6):
     import datasets
 
-    task = tasks.get(name)
-    repo, config = task.hub
-    for split, fname, n in zip(("train", "validation"), task.files, (n_train, n_valid)):
-        hub, lines = rows(name, n)
+    repo, config = tasks.get(name).hub
+    for split, n in zip(("train", "validation"), (n_train, n_valid)):
         folder = tmp_path / "hub" / repo / config / split
         folder.mkdir(parents=True)
-        datasets.Dataset.from_list(hub).to_parquet(str(folder / "0000.parquet"))
-        (tmp_path / "files").mkdir(exist_ok=True)
-        (tmp_path / "files" / fname).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        datasets.Dataset.from_list(rows(name, n)[0]).to_parquet(str(folder / "0000.parquet"))
+    write_files(name, tmp_path / "files", n_train, n_valid)
 
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
@@ -271,7 +278,55 @@ def test_hub_failure_is_one_clear_line(tmp_path, monkeypatch):
         tasks.load("sst2")
 
 
-# ---- 5. loss and evaluation against the slow way: full logits, log_softmax over everything
+
+# ---- 5. data that cannot be used: bytes that are not UTF-8, empty files, sizes
+
+@pytest.mark.parametrize("name,fname,line", [("sst2", "train.tsv", 5), ("copa", "val.jsonl", 3)])
+def test_non_utf8_byte_names_file_and_line(name, fname, line, tmp_path):
+    """A Latin-1 byte in line `line` of a data file: DataError "path:line: not valid UTF-8"."""
+    folder = write_files(name, tmp_path)
+    lines = (folder / fname).read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1].replace(b"e", b"\xe9", 1)   # "é" in Latin-1
+    (folder / fname).write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=f"^{folder / fname}:{line}: not valid UTF-8"):
+        tasks.load(name, str(folder), num_train=4, num_dev=2, num_eval=2)
+
+
+@pytest.mark.parametrize("name,fname,content", [
+    ("sst2", "dev.tsv", ""), ("sst2", "dev.tsv", "sentence\tlabel\n"),
+    ("sst2", "train.tsv", "sentence\tlabel\n\n"), ("rte", "train.jsonl", "\n")])
+def test_empty_or_header_only_file_has_no_examples(name, fname, content, tmp_path):
+    """An empty file, or a TSV header alone: DataError naming the file."""
+    folder = write_files(name, tmp_path)
+    (folder / fname).write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{folder / fname}: no examples$"):
+        tasks.load(name, str(folder), num_train=4, num_dev=2, num_eval=2)
+
+
+def test_num_train_beyond_the_split_uses_what_there_is(tmp_path, caplog):
+    """num_train > the train split (after dev): all of it is used, and a note says how many."""
+    folder = write_files("sst2", tmp_path, n_train=12)
+    train, dev, _ = tasks.load("sst2", str(folder), num_train=5000, num_dev=2, num_eval=2)
+    assert (len(train), len(dev)) == (10, 2)
+    assert caplog.messages == ["note: num_train 5000 > 10 available (after num_dev 2); using 10"]
+    caplog.clear()
+    tasks.load("sst2", str(folder), num_train=10, num_dev=2, num_eval=2)
+    assert caplog.messages == []
+
+
+def test_num_eval_zero_is_refused_and_none_skips_the_test_set(tmp_path):
+    """Evaluation needs examples: num_eval 0 is a DataError; num_eval=None asks for no test set,
+    and MultiRC's whole questions cannot fit in fewer options than its smallest question has."""
+    folder = write_files("sst2", tmp_path / "sst2")
+    with pytest.raises(DataError, match="num_eval must be at least 1"):
+        tasks.load("sst2", str(folder), num_train=4, num_dev=2, num_eval=0)
+    assert tasks.load("sst2", str(folder), num_train=4, num_dev=2, num_eval=None)[2] == []
+    folder = write_files("multirc", tmp_path / "multirc")    # 3 answer options per question
+    with pytest.raises(DataError, match="num_eval 2 holds no whole question"):
+        tasks.load("multirc", str(folder), num_train=4, num_dev=2, num_eval=2)
+
+
+# ---- 6. scores, loss and evaluation against the slow way: full logits, one sequence at a time
 
 def examples(name, n, mlm=False):
     task = tasks.get(name)
@@ -280,7 +335,7 @@ def examples(name, n, mlm=False):
 
 
 def slow_scores(model, tok, ex):
-    """Mean option log-prob per candidate from full `model(ids).logits`, one sequence at a time."""
+    """Option log-probs per candidate from full `model(ids).logits`, one sequence at a time."""
     out = []
     for c in ex.candidates:
         if MASK in ex.prompt:
@@ -303,8 +358,43 @@ def slow_loss(model, tok, task, exs):
     return F.cross_entropy(scores, torch.tensor([e.label for e in exs]))
 
 
+def slow_predictions(model, tok, exs):
+    return [int(torch.stack([s.mean() for s in slow_scores(model, tok, e)]).argmax())
+            for e in exs]
+
+
 CASES = [(n, f) for n in tasks.TASKS for f in ("opt", "llama")] + \
         [(n, "roberta") for n, t in tasks.TASKS.items() if t.mlm_ok]
+UNEVEN = {  # candidates of 1 to ~10 tokens; prompts of different lengths
+    "causal": [tasks.Example("The film was", [" good", " a complete waste of everyone's evening,"
+                                              " sadly", " fine, I guess"], 1),
+               tasks.Example("After two long hours in the cinema I left feeling",
+                             [" nothing", " happy and a little tired", " cheated"], 0)],
+    "masked": [tasks.Example(f"The film was{MASK}.", [" good", " bad", " fine"], 0),
+               tasks.Example(f"After two long hours in the cinema I felt{MASK}.",
+                             [" nothing", " happy", " cheated"], 2)]}
+
+
+@needs_shared
+@pytest.mark.parametrize("family", ["opt", "llama", "roberta"])
+def test_scores_of_options_of_different_lengths_match_the_oracle(family):
+    """Padded scoring (a masked mean over K slots) = the mean log-prob from full logits; the LM
+    head sees only the B·C·K gathered positions."""
+    tok, model, mlm = real_tokenizer(family), tiny_model(family), family == "roberta"
+    exs = UNEVEN["masked" if mlm else "causal"]
+    data = tasks.encode_eval(tok, exs, mlm=mlm)
+    batch = tasks._collate(data.encoded, data.pad_id)
+    lengths = batch["scored"].sum(-1)                                  # [B, C] option tokens
+    assert mlm or len(set(lengths.flatten().tolist())) >= 4             # truly uneven options
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(
+        lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    with torch.no_grad():
+        scores = tasks._scores(model, batch)
+        slow = [[s.mean() for s in slow_scores(model, tok, e)] for e in exs]
+    hook.remove()
+    torch.testing.assert_close(scores, torch.tensor(slow))
+    assert head_rows[0] == batch["targets"].numel()                    # B·C·K, not B·S·T
 
 
 @needs_shared
@@ -314,9 +404,46 @@ def test_loss_matches_full_logits_oracle(name, family):
     task, tok, model = tasks.get(name), real_tokenizer(family), tiny_model(family)
     mlm = family == "roberta"
     exs = examples(name, 5, mlm)
-    batch = next(tasks.batches(tok, task, exs, batch_size=len(exs), mlm=mlm))
+    batch = tasks.batches(tok, task, exs, batch_size=len(exs), mlm=mlm).at(0)
     with torch.no_grad():
         torch.testing.assert_close(tasks.loss(model, batch), slow_loss(model, tok, task, exs))
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["sst2", "copa"])
+def test_shard_terms_add_up_to_the_full_batch_loss(name):
+    """Σ sum / Σ count over uneven shards (7 examples over 3 ranks, and over 9: two ranks get
+    none, (0, 0)) = the full batch's loss, to fp32 tolerance (rtol 1.3e-6, atol 1e-5)."""
+    tok, model = real_tokenizer("opt"), tiny_model("opt")
+    batch = tasks.batches(tok, name, examples(name, 7), batch_size=7).at(0)
+    with torch.no_grad():
+        full = tasks.loss(model, batch)
+        for world in (3, 9):
+            parts = [tasks.shard(batch, rank, world) for rank in range(world)]
+            assert [len(p["labels"]) for p in parts] == \
+                [len(a) for a in np.array_split(np.arange(7), world)]
+            terms = [tasks.loss_terms(model, p) for p in parts]
+            assert all(t == (0.0, 0) for t, p in zip(terms, parts) if len(p["labels"]) == 0)
+            total = sum(s for s, _ in terms)
+            count = sum(n for _, n in terms)
+            assert total.dtype == torch.float32 and count == batch["count"]
+            torch.testing.assert_close(total / count, full)
+
+
+@needs_shared
+def test_a_mean_of_shard_means_is_not_the_lm_loss():
+    """Two equal shares of examples hold different numbers of gold tokens: the mean of the two
+    shard means misses the token-level loss that Σ sum / Σ count gets."""
+    tok, model = real_tokenizer("opt"), tiny_model("opt")
+    exs = UNEVEN["causal"] * 2
+    batch = tasks.batches(tok, "copa", exs, batch_size=4).at(0)
+    with torch.no_grad():
+        full = tasks.loss(model, batch)
+        terms = [tasks.loss_terms(model, tasks.shard(batch, rank, 2)) for rank in range(2)]
+    assert terms[0][1] != terms[1][1]                                  # tokens per shard differ
+    mean_of_means = sum(s / n for s, n in terms) / 2
+    torch.testing.assert_close(sum(s for s, _ in terms) / sum(n for _, n in terms), full)
+    assert abs(mean_of_means - full) > 100 * (1e-5 + 1.3e-6 * abs(full))
 
 
 @needs_shared
@@ -326,7 +453,7 @@ def test_loss_is_fp32_and_finite_in_half_precision(family, dtype):
     """Half-precision weights still give a finite fp32 loss (log-softmax in fp32)."""
     tok, model, mlm = real_tokenizer(family), tiny_model(family, dtype), family == "roberta"
     for name in ("sst2", "copa") if not mlm else ("sst2",):
-        batch = next(tasks.batches(tok, name, examples(name, 4, mlm), batch_size=4, mlm=mlm))
+        batch = tasks.batches(tok, name, examples(name, 4, mlm), batch_size=4, mlm=mlm).at(0)
         with torch.no_grad():
             value = tasks.loss(model, batch)
         assert value.dtype == torch.float32 and torch.isfinite(value)
@@ -335,19 +462,24 @@ def test_loss_is_fp32_and_finite_in_half_precision(family, dtype):
 @needs_shared
 @pytest.mark.parametrize("name,family", [(n, "opt") for n in tasks.TASKS] +
                          [(n, "roberta") for n, t in tasks.TASKS.items() if t.mlm_ok])
-def test_evaluate_matches_one_at_a_time_oracle(name, family):
-    """Batched, padded evaluation = argmax of the unbatched slow scores (and F1a / EM)."""
+def test_evaluate_by_length_matches_one_at_a_time(name, family):
+    """Length-sorted, padded batches predict what one example at a time does, and what the slow
+    oracle's argmax does; sharded predictions sum to all of them; F1a / EM from the oracle's."""
     tok, model, mlm = real_tokenizer(family), tiny_model(family), family == "roberta"
     exs = examples(name, 7, mlm)
+    data = tasks.encode_eval(tok, exs, mlm=mlm)
+    longest = [max(map(len, data.encoded[i].sequences)) for i in data.by_length]
+    assert longest == sorted(longest) and sorted(data.by_length) == list(range(len(exs)))
     with torch.no_grad():
-        preds = [int(torch.stack([s.mean() for s in slow_scores(model, tok, e)]).argmax())
-                 for e in exs]
-        encoded = [tasks._encode(tok, e, 512, mlm, False) for e in exs]
-        scores = tasks._scores(model, tasks._collate(tok, encoded, [e.label for e in exs]))
-        slow = [[s.mean() for s in slow_scores(model, tok, e)] for e in exs]
-    torch.testing.assert_close(scores, torch.tensor(slow))
+        preds = slow_predictions(model, tok, exs)
+    one_at_a_time = tasks.predict(model, data, batch_size=1)
+    assert torch.is_tensor(one_at_a_time) and one_at_a_time.tolist() == preds
+    assert tasks.predict(model, data, batch_size=3).tolist() == preds
+    shards = [tasks.predict(model, data, batch_size=2, shard=(r, 3)) for r in range(3)]
+    assert sum(shards).tolist() == preds
     right = [p == e.label for p, e in zip(preds, exs)]
-    metrics = tasks.evaluate(model, tok, name, exs, batch_size=3, mlm=mlm)
+    metrics = tasks.evaluate(model, data, batch_size=3)
+    assert metrics == tasks.metrics(data, preds)
     assert metrics["accuracy"] == pytest.approx(sum(right) / len(exs))
     if any(e.group >= 0 for e in exs):
         tp = sum(p == 1 == e.label for p, e in zip(preds, exs))
@@ -357,19 +489,50 @@ def test_evaluate_matches_one_at_a_time_oracle(name, family):
         assert metrics["em"] == pytest.approx(sum(em) / len(em))
 
 
+# ---- 7. training batches: a function of (seed, step)
+
+def first_sequences(batch):
+    """Token ids of each example's first sequence (its first candidate), padding dropped."""
+    return [tuple(ids[m.bool()].tolist())
+            for ids, m in zip(batch["input_ids"][:, 0], batch["attention_mask"][:, 0])]
+
+
 @needs_shared
 def test_batches_reshuffle_without_the_global_rng():
     """Endless epochs, each a new order of all examples; the global RNGs are never touched."""
     tok, exs = real_tokenizer("opt"), examples("sst2", 6)
     state = torch.random.get_rng_state()
-    it = tasks.batches(tok, "sst2", exs, batch_size=4, seed=1)
+    it = iter(tasks.batches(tok, "sst2", exs, batch_size=4, seed=1))
     epochs = [[next(it) for _ in range(2)] for _ in range(3)]
     assert torch.equal(state, torch.random.get_rng_state())
-    orders = [[tuple(ids[m.bool()].tolist()) for b in e  # first candidate of each example
-               for ids, m in zip(b["input_ids"][::2], b["attention_mask"][::2])] for e in epochs]
+    orders = [[s for b in e for s in first_sequences(b)] for e in epochs]
     assert all(sorted(o) == sorted(orders[0]) for o in orders) and orders[0] != orders[1]
-    first = next(tasks.batches(tok, "sst2", exs, batch_size=4, seed=1))
+    first = tasks.batches(tok, "sst2", exs, batch_size=4, seed=1).at(0)
     assert torch.equal(first["input_ids"], epochs[0][0]["input_ids"])
+
+
+@needs_shared
+def test_batch_at_a_step_depends_on_seed_and_step_only():
+    """at(k) = the k-th batch of iterating from the start = a fresh object's at(k), asked in any
+    order; epoch e is the permutation default_rng([seed, e]) draws, in batches of 4, 4, 2."""
+    tok, exs = real_tokenizer("opt"), examples("copa", 10)
+    make = functools.partial(tasks.batches, tok, "copa", exs, batch_size=4, seed=3)
+    it = iter(make())
+    walked = [next(it) for _ in range(12)]                          # 4 epochs of 3 steps
+    gold = [tuple(tok(e.prompt + e.candidates[e.label]).input_ids) for e in exs]
+    for k, batch in enumerate(walked):
+        epoch, offset = divmod(k, 3)
+        order = np.random.default_rng([3, epoch]).permutation(10)[offset * 4:offset * 4 + 4]
+        assert first_sequences(batch) == [gold[i] for i in order]
+    fresh = make()
+    for k in np.random.default_rng(0).permutation(12).tolist() + [1000, 7]:
+        expected = walked[k] if k < 12 else make().at(k)
+        got = fresh.at(k)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[key], expected[key]) if torch.is_tensor(got[key]) else
+                   got[key] == expected[key] for key in got)
+    assert first_sequences(make().at(0)) != first_sequences(tasks.batches(
+        tok, "copa", exs, batch_size=4, seed=4).at(0))
 
 
 @needs_shared
@@ -377,8 +540,8 @@ def test_batches_reshuffle_without_the_global_rng():
 def test_left_truncation_keeps_bos_and_the_option(family):
     """Too-long inputs lose their oldest tokens but keep BOS, and the option is still scored."""
     tok, ex = real_tokenizer(family), examples("copa", 1)[0]
-    batch = next(tasks.batches(tok, "copa", [ex], batch_size=1, max_length=6))
+    batch = tasks.batches(tok, "copa", [ex], batch_size=1, max_length=6).at(0)
     full = tok(ex.prompt + ex.candidates[ex.label]).input_ids
     n_opt = len(full) - len(tok(ex.prompt).input_ids)
-    assert batch["input_ids"][0].tolist() == full[:1] + full[-5:]
-    assert batch["targets"].tolist() == full[-min(n_opt, 5):]
+    assert batch["input_ids"][0, 0].tolist() == full[:1] + full[-5:]
+    assert batch["targets"][0, 0].tolist() == full[-min(n_opt, 5):]

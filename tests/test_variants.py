@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+import models
 import optimizers
 import rge
+import variants
 from tiny import DATA, needs_shared, save_tiny, tiny_config, tiny_model
 
 VARIANTS = {"block": dict(block=True), "hybrid": dict(zo_layers=1), "sparse": dict(sparsity=0.3),
@@ -50,7 +52,7 @@ def test_blocks_are_embeddings_layers_head(family):
     """Embeddings, each layer, head: in order, every trainable tensor exactly once."""
     model = tiny_model(family, vocab_size=64)
     params = list(model.parameters())
-    parts = optimizers.blocks(model, params)
+    parts = variants.blocks(model, params)
     assert [key for key, _ in parts] == [-1, 0, 1, 2]
     assert sorted(id(p) for _, ps in parts for p in ps) == sorted(id(p) for p in params)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -65,7 +67,7 @@ def test_opt_1_3b_has_26_blocks():
                        num_attention_heads=4, word_embed_proj_dim=8)
     model = OPTForCausalLM(config)
     names = {id(p): n for n, p in model.named_parameters()}
-    parts = optimizers.blocks(model.eval(), list(model.parameters()))
+    parts = variants.blocks(model.eval(), list(model.parameters()))
     assert len(parts) == 26
     assert [names[id(p)].split(".")[2] for p in parts[0][1]] == [
         "embed_tokens", "embed_positions", "project_in"]
@@ -85,7 +87,7 @@ def test_block_estimate_beats_full_rge_at_equal_forwards():
     model, loss = tiny_lm()
     params = list(model.parameters())
     grad = flat(torch.autograd.grad(loss(), params))
-    parts = [ps for _, ps in optimizers.blocks(model, params)]
+    parts = [ps for _, ps in variants.blocks(model, params)]
     p = len(parts)
 
     def cosine(pairs):
@@ -108,12 +110,12 @@ def test_block_step_is_gauss_seidel_with_own_seeds():
     each block draws its own seeds, so two same-shaped layers never share a direction."""
     model, loss = tiny_lm()
     oracle, oracle_loss = tiny_lm()
-    opt = optimizers.build_variant("zo_sgd", model, model.parameters(), block=True, lr=1e-2, q=2)
+    opt = variants.build("zo_sgd", model, model.parameters(), dict(lr=1e-2, q=2), block=True)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(loss)
     stream = torch.Generator().manual_seed(0)                  # the optimizer's seed stream
     with torch.no_grad():
-        for _, ps in optimizers.blocks(oracle, list(oracle.parameters())):
+        for _, ps in variants.blocks(oracle, list(oracle.parameters())):
             seeds = [int(torch.randint(2**40, (1,), generator=stream)) for _ in range(2)]
             for t, g in rge.gradients(rge.estimate(oracle_loss, ps, seeds=seeds, mu=1e-3), ps):
                 t.add_(g, alpha=-1e-2)
@@ -131,7 +133,8 @@ def test_hybrid_trains_for_every_split(k, kind):
     """K = 0 is FO-SGD, K = n is ZO-SGD, in between both; each lowers the loss in 100 steps."""
     model, loss = tiny_lm()
     start = loss().item()
-    opt = optimizers.build_variant("zo_sgd", model, model.parameters(), zo_layers=k, lr=1e-2)
+    opt = variants.build("zo_sgd", model, model.parameters(), dict(lr=1e-2), dict(lr=1e-2),
+                         zo_layers=k)
     assert type(opt).__name__ == kind
     for _ in range(100):
         opt.step(loss)
@@ -145,7 +148,7 @@ def test_hybrid_backprop_stops_at_layer_k():
     saved_bytes = []
     for k in range(5):
         model, loss = tiny_lm(layers=4)
-        stack, where, saved = optimizers.layers(model), [-1], []
+        stack, where, saved = models.layers(model), [-1], []
         for j, layer in enumerate(stack):
             layer.register_forward_pre_hook(lambda m, a, j=j: where.__setitem__(0, j))
             layer.register_forward_hook(lambda m, a, o, j=j: where.__setitem__(0, j + 0.5))
@@ -156,14 +159,15 @@ def test_hybrid_backprop_stops_at_layer_k():
                 saved.append((where[0], t.numel() * t.element_size()))
             return t
 
-        opt = optimizers.build_variant("zo_sgd", model, model.parameters(), zo_layers=k, lr=0.0)
+        opt = variants.build("zo_sgd", model, model.parameters(), dict(lr=0.0), dict(lr=0.0),
+                             zo_layers=k)
         got = set()                                         # tensors that back-prop reached
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p: got.add(id(p)))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             opt.step(loss)
-        zo = {id(p) for key, ps in optimizers.blocks(model, list(model.parameters()))
+        zo = {id(p) for key, ps in variants.blocks(model, list(model.parameters()))
               if k and (key < k or k == 4) for p in ps}
         assert saved if k == 0 else all(pos >= k for pos, _ in saved)
         assert got == {id(p) for p in model.parameters()} - zo
@@ -209,8 +213,8 @@ def test_sparse_steps_share_masks_redrawn_every_k():
         seeds[-1].add(mask.seed)
         return draw(p, seed, i, mask)
 
-    opt = optimizers.build_variant("zo_sgd", model, model.parameters(), sparsity=0.4, mask_every=2,
-                                   lr=1e-2)
+    opt = variants.build("zo_sgd", model, model.parameters(), dict(lr=1e-2), sparsity=0.4,
+                         mask_every=2)
     unchanged = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rge, "direction", direction)
@@ -234,8 +238,8 @@ def test_zero_lr_leaves_weights_bitwise_unchanged_and_counts_forwards(name, dtyp
     block 2q·4; hybrid K = 1 2q + 1; sparse 2q; all three 2q·2 ZO blocks + 1."""
     model, loss = tiny_lm(dtype)
     before = copy.deepcopy(list(model.parameters()))
-    opt = optimizers.build_variant("zo_sgd", model, model.parameters(), **VARIANTS[name], lr=0.0,
-                                   q=2)
+    opt = variants.build("zo_sgd", model, model.parameters(), dict(lr=0.0, q=2), dict(lr=0.0),
+                         **VARIANTS[name])
     for _ in range(3):
         opt.step(loss)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -249,7 +253,7 @@ def test_zero_lr_leaves_weights_bitwise_unchanged_and_counts_forwards(name, dtyp
 def test_bad_variants_fail_in_one_line(args, error):
     model, _ = tiny_lm()
     with pytest.raises(ValueError, match=re.escape(error)):
-        optimizers.check_variant(args.pop("name"), model, **args)
+        variants.check(args.pop("name"), model, **args)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------
@@ -279,7 +283,7 @@ def test_adapters_get_one_uniform_ratio():
     import peft
     model, _ = tiny_lm()
     params = peft.apply(model, "lora")
-    opt = optimizers.build_variant("zo_sgd", model, params, sparsity=0.3, pretrained=False, lr=0)
+    opt = variants.build("zo_sgd", model, params, dict(lr=0), sparsity=0.3, pretrained=False)
     assert opt.param_groups[0]["sparsity"] == [0.3] * len(params)
-    ranked = optimizers.build_variant("zo_sgd", model, params, sparsity=0.3, lr=0)
+    ranked = variants.build("zo_sgd", model, params, dict(lr=0), sparsity=0.3)
     assert ranked.param_groups[0]["sparsity"] != [0.3] * len(params)   # B = 0: all of it ≤ τ

@@ -69,3 +69,15 @@ def save_tiny(family, path, dtype=torch.float32):
     tiny_model(family, dtype).save_pretrained(path)
     real_tokenizer(family).save_pretrained(path)
     return path
+
+
+ZO_ONLY = ("mu", "q", "seed")
+
+
+def make_optimizer(name, params, **hparams):
+    """Optimizer `name` over `params`; the ZO-only arguments are dropped for back-prop ones, so
+    one parametrized test can pass the same arguments to every optimizer."""
+    import optimizers
+    if issubclass(optimizers.OPTIMIZERS[name], optimizers.BackProp):
+        hparams = {k: v for k, v in hparams.items() if k not in ZO_ONLY}
+    return optimizers.OPTIMIZERS[name](params, **hparams)
