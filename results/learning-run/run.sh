@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
-MODEL=${MODEL:-/work/models/tiny-opt}
+MODEL=${MODEL:-out/tiny-opt}         # the recorded runs: MODEL=/work/models/tiny-opt
 DATA=${DATA:-../shared/data}
 OUT=results/learning-run
 
