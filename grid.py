@@ -597,7 +597,7 @@ def plot_cell(path, key, grid_dirs, selected):
 def plot_row(path, model, task, columns, chosen_dirs):
     """One model × task: each scheme a column, each optimizer a line at its chosen point."""
     schemes = [s for m, t, s in columns if (m, t) == (model, task)]
-    fig = Figure(figsize=(4.2 * len(schemes), 6.5))
+    fig = Figure(figsize=(max(7.0, 4.2 * len(schemes)), 6.5))
     axes = fig.subplots(2, len(schemes), squeeze=False)
     for j, scheme in enumerate(schemes):
         top, bottom = axes[0, j], axes[1, j]
@@ -607,6 +607,10 @@ def plot_row(path, model, task, columns, chosen_dirs):
                 continue
             line, = top.plot(c[0], c[1], lw=1.2, label=f"{NAMES.get(row, row)} ({point})")
             bottom.plot(c[2], c[3], marker="o", ms=3, lw=1.2, color=line.get_color())
+        lengths = [line.get_xdata()[-1] for line in top.lines]
+        if lengths and max(lengths) >= 10 * min(lengths):    # FO's 625 steps beside ZO's 20000
+            top.set_xscale("log")
+            bottom.set_xscale("log")
         top.set_title(SCHEME_NAMES.get(scheme, scheme))
         top.set(xlabel="step", ylabel="training loss (moving average)")
         bottom.set(xlabel="step", ylabel="dev accuracy")
