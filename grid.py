@@ -1,4 +1,4 @@
-"""Run the benchmark itself: a grid of train.py runs, selection on dev, the paper's tables and plots.
+"""Run the benchmark: a grid of train.py runs, selection on dev, the paper's tables and plots.
 
     python grid.py run grids/opt-1.3b_sst2.json --out runs/opt-1.3b_sst2   # runs, then reports
     python grid.py report --out runs/opt-1.3b_sst2                          # tables and plots only
@@ -8,8 +8,9 @@ is not one run. The paper (§4.1) grid-searches the learning rate η and the ZO 
 method, and each *grid point* (η, μ) is trained once per seed. A *run* is one train.py process,
 in its own directory named by its settings:
 
-    <out>/<model>/<task>/<optimizer>/<scheme>/lr<η>_mu<μ>/seed<s>/   config.json log.jsonl result.json
-    <out>/<model>/<task>/<optimizer>/<scheme>/lr<η>_mu<μ>/seed<s>.out, .err   (train.py's output)
+    <out>/<model>/<task>/<optimizer>/<scheme>/lr<η>_mu<μ>/seed<s>/    config.json, log.jsonl,
+                                                                       result.json (train.py)
+    <out>/<model>/<task>/<optimizer>/<scheme>/lr<η>_mu<μ>/seed<s>.out  its stdout (.err: stderr)
 
 Selection, per table cell (never on test; the released code chose checkpoints by test loss):
 
@@ -382,18 +383,24 @@ def run_grid(cells, out, workers):
     bar = tqdm(total=len(todo), desc="grid", unit="run", dynamic_ncols=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(workers)) as pool:
         futures = {pool.submit(work, cell, kind): (cell, kind) for cell, kind in todo}
-        for future in concurrent.futures.as_completed(futures):
-            cell, kind = futures[future]
-            ok, seconds, reason = future.result()
-            note = "" if kind == "new" else f" ({kind})"
-            if ok:
-                r = read_result(os.path.join(out, cell.path))
-                tqdm.write(f"ok    {cell.path}{note}  dev {r['dev_accuracy']:.4f}  "
-                           f"test {r['test_accuracy']:.4f}  {seconds:.0f} s")
-            else:
-                failures.append((cell, reason))
-                tqdm.write(f"FAIL  {cell.path}{note}  {reason}")
-            bar.update()
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                cell, kind = futures[future]
+                ok, seconds, reason = future.result()
+                note = "" if kind == "new" else f" ({kind})"
+                if ok:
+                    r = read_result(os.path.join(out, cell.path))
+                    tqdm.write(f"ok    {cell.path}{note}  dev {r['dev_accuracy']:.4f}  "
+                               f"test {r['test_accuracy']:.4f}  {seconds:.0f} s")
+                else:
+                    failures.append((cell, reason))
+                    tqdm.write(f"FAIL  {cell.path}{note}  {reason}")
+                bar.update()
+        except KeyboardInterrupt:          # the running children got the signal too
+            for future in futures:
+                future.cancel()
+            tqdm.write("interrupted: the same command continues where this one stopped")
+            raise
     bar.close()
     return failures
 
@@ -417,12 +424,18 @@ class Selected:
         return mean_std([r[key] for r in self.results])
 
 
+def finished(cell, out):
+    """A run's result, or None when it is missing or was run with other settings."""
+    run_dir = os.path.join(out, cell.path)
+    return None if stale(cell, run_dir) else read_result(run_dir)
+
+
 def collect(cells, out):
     """{table cell key: {point: [result per seed, None where missing]}}, in spec order."""
     table = {}
     for cell in cells:
         points = table.setdefault(cell.key, {})
-        points.setdefault(cell.point, []).append(read_result(os.path.join(out, cell.path)))
+        points.setdefault(cell.point, []).append(finished(cell, out))
     return table
 
 
@@ -625,7 +638,7 @@ def report(cells, out, spec_path=None):
     """Write report.md, cells.csv, points.csv and plots/ for the runs of `cells` in `out`."""
     table = collect(cells, out)
     text, cell_rows, point_rows, chosen = report_tables(table)
-    done = sum(read_result(os.path.join(out, c.path)) is not None for c in cells)
+    done = sum(finished(c, out) is not None for c in cells)
     head = [f"# Benchmark report: {out}", "",
             f"{done} of {len(cells)} runs finished"
             + (f" (spec: {spec_path})" if spec_path else "") + ". Selection on dev only; test "

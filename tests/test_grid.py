@@ -36,7 +36,7 @@ def write_spec(path, spec):
 
 
 def test_expand_counts_names_and_flags():
-    """models × tasks × rows × schemes × grid points × seeds, each in a directory named by them."""
+    """models × tasks × rows × schemes × points × seeds, each in a directory named by them."""
     cells = grid.expand(spec_of())
     # per task: zo_sgd ft 2 lr × 1 mu, lora 1 lr × 2 mu; fo_adam 1 lr in each scheme; × 2 seeds
     assert len(cells) == 2 * (2 + 2 + 1 + 1) * 2
@@ -175,6 +175,7 @@ def test_finished_run_with_other_settings_is_reported_not_reused(tmp_path):
     fake_run(str(tmp_path), cell, 0.5, 0.5, steps=50)
     assert grid.stale(cell, os.path.join(tmp_path, cell.path)) == \
         "finished with --steps 50, the spec says 100"
+    assert grid.finished(cell, str(tmp_path)) is None          # and the tables leave it out
 
 
 def test_slots_per_gpu_and_cpu():
