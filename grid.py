@@ -562,7 +562,7 @@ def curves(run_dir):
     return np.array(steps), np.array(losses, dtype=float), dev
 
 
-def smooth(values, points=50):
+def smooth(values, points=20):
     """Moving average over ~1/points of the run, so that ~points independent wiggles remain."""
     width = max(1, len(values) // points)
     if width == 1:
