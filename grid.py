@@ -37,7 +37,7 @@ Every flag is checked against train.py's Config before anything runs (one line, 
 
 Running: one run at a time, or one per visible GPU (--gpus 0,1; default: every GPU torch sees),
 each child with CUDA_VISIBLE_DEVICES set to its GPU. A directory with a valid result.json is done
-and skipped; one with a checkpoint/ is resumed (train.py --resume, where train.py has it); any
+and skipped; one with a checkpoint-<step>/ is resumed (train.py --resume, where train.py has it); any
 other non-empty one is rerun (--overwrite, where train.py has it). A failed run never stops the
 others; each failure is listed at the end with the last line of its stderr, and the exit status
 is 1.
@@ -68,6 +68,7 @@ import torch
 from matplotlib.figure import Figure        # no pyplot: no global figure state, no GUI backend
 from tqdm import tqdm
 
+import checkpoint
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -278,10 +279,11 @@ def read_result(run_dir):
 
 
 def state(run_dir):
-    """done (valid result.json), resume (a checkpoint/), dirty (anything else there) or new."""
+    """done (valid result.json), resume (a checkpoint-<step>/ of train.py), dirty (anything else
+    there) or new."""
     if read_result(run_dir) is not None:
         return "done"
-    if os.path.isdir(os.path.join(run_dir, "checkpoint")):
+    if os.path.isdir(run_dir) and checkpoint.latest(run_dir):
         return "resume"
     return "dirty" if os.path.isdir(run_dir) and os.listdir(run_dir) else "new"
 
