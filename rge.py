@@ -28,8 +28,9 @@ the forwards). The in-place scheme draws u four times. Here:
   (ZO2's "dual forward"), u is drawn once per query and once more by the update: 2 draws;
 - the sequential path (`perturbed` twice): two forwards, 3 draws, half the activations;
 - a tensor read by two modules (OPT's and RoBERTa's tied embedding, also the LM head: 31% of
-  OPT-125M) is perturbed once per forward and the copy kept for its second reader, once an
-  earlier forward has shown it is read twice (`Estimate.tied`).
+  OPT-125M) can be perturbed once per forward, its copy kept for its second reader (`keep`),
+  once an earlier forward has shown it is read twice (`Estimate.tied`). The optimizers do so
+  on the paired path; the sequential one, chosen for memory, holds one module's copies at a time.
 The update then folds d into its step size: θ − (η d)·u, one pass over u (`gradients`).
 
 Sparse directions (§5, Tab. 8): u_i ⊙ m_i, m_i ~ Bernoulli(1 − s_i) drawn inside `direction`, so
