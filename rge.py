@@ -147,11 +147,11 @@ def _batch_size(module, args) -> int:
 
 def _halves(values, n):
     """Two copies of `values` (a tuple or dict of call arguments) with every tensor whose first
-    dimension is n cut into rows :n/2 and n/2:, and the int n (a batch size) halved."""
+    dimension is n cut into rows :n/2 and n/2:."""
     def cut(v, h):
         if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
             return v[:n // 2] if h == 0 else v[n // 2:]
-        return n // 2 if v is n else v
+        return v
     if isinstance(values, dict):
         return tuple({k: cut(v, h) for k, v in values.items()} for h in (0, 1))
     return tuple(tuple(cut(v, h) for v in values) for h in (0, 1))
@@ -220,6 +220,8 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
                                 "which the paired forward's second half would bypass")
             n = _batch_size(module, args)
             args, rest = _halves(args, n)
+            if not isinstance(args[0], torch.Tensor):          # an int batch size: halved
+                args, rest = (n // 2, *args[1:]), (n // 2, *rest[1:])
             half[0] = 0
         if half[0] != 1:
             reads.update(index[id(p)] for _, p in slots)
