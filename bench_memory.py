@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 LOSSES = ("task", "lm")
+RESULTS = "results"               # the recorded results, committed
 
 
 def synthetic_loss(model, ids, loss="task", amp_dtype=None):
@@ -233,7 +234,8 @@ def fail(message):
 
 def main(argv=None) -> list[dict]:
     """Parse, check, profile every --opt at every sweep value, report, write; returns the rows."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="opt-125m",
                     help=f"one of {', '.join(models.CONFIGS)} (or their hub ids), or a local "
                     "config directory")
@@ -249,8 +251,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up")
     ap.add_argument("--sweep", nargs=2, metavar=("NAME", "VALUES"),
                     help=f"NAME: {', '.join(SWEEPS)}; VALUES comma-separated, e.g. 64,128")
-    ap.add_argument("--out", help="directory for CSV/JSON/PNG (a sweep's default: results)")
-    ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    ap.add_argument("--out", help="directory for CSV/JSON/PNG; without it a sweep writes to "
+                    "results/ but never replaces a file there")
+    ap.add_argument("--threads", type=int, help="CPU threads (None: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda[:i], or meta: the prediction alone, for any model size")
     argv = sys.argv[1:] if argv is None else argv
@@ -267,6 +270,18 @@ def main(argv=None) -> list[dict]:
         fail(f"unknown --sweep '{name}'; choose from: {', '.join(SWEEPS)}")
     if not all(v.isdigit() for v in values.split(",")):
         fail(f"--sweep {name}: the values must be comma-separated integers, not '{values}'")
+    if args.sweep or args.out:
+        tags = [name if args.sweep else f"b{args.batch_size}_s{args.seq_len}"] + \
+            [args.dtype] * (args.dtype != "fp32") + [args.peft] * (args.peft != "ft") + \
+            [args.loss] * (args.loss != "task") + \
+            ["meta"] * (args.device == "meta")
+        stem = "_".join([os.path.basename(models.HUB_IDS.get(args.model, args.model).rstrip("/")),
+                         *tags])
+        taken = [f for f in (f"{stem}.{e}" for e in ("csv", "json", "png"))
+                 if os.path.exists(os.path.join(RESULTS, f))]
+        if args.out is None and taken:
+            fail(f"{RESULTS}/{taken[0]} exists (a recorded result); give --out {RESULTS} to "
+                 "replace it, or another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     memory.track_tensors()
@@ -280,12 +295,7 @@ def main(argv=None) -> list[dict]:
     except ValueError as e:
         fail(e)
     if args.sweep or args.out:
-        tags = [name if args.sweep else f"b{args.batch_size}_s{args.seq_len}"] + \
-            [args.dtype] * (args.dtype != "fp32") + [args.peft] * (args.peft != "ft") + \
-            [args.loss] * (args.loss != "task") + \
-            ["meta"] * (args.device == "meta")
-        write(rows, args.out or "results", "_".join([os.path.basename(args.model.rstrip("/")),
-              *tags]), name, " ".join(["python bench_memory.py", *argv]))
+        write(rows, args.out or RESULTS, stem, name, " ".join(["python bench_memory.py", *argv]))
     return rows
 
 

@@ -36,9 +36,11 @@ dynamic = peak during a step minus held before it. |x_l| is counted, |a_l| measu
 and measurement compare term by term; gradients that torch keeps on .grad between steps (|g|)
 are moved from Tab. 5's dynamic column to the state they are measured in. Readings: CUDA's
 allocator statistics; on CPU the resident set VmRSS and its high-water mark VmHWM (reset through
-/proc/self/clear_refs). For RSS to follow the tensors, the modelling code runs once on the meta
-device before the baseline (its imports are ~100 MB), and glibc is told to mmap every block above
-64 KiB, so that freed activations leave the resident set instead of staying in malloc's heap.
+/proc/self/clear_refs; a reset and a read cost ~0.03 ms); `peaks` reads every device the
+model uses (CUDA: allocated and reserved), as train.py records them. For RSS to follow the
+tensors, the modelling code runs once on the meta device before the baseline (its imports are
+~100 MB), and glibc is told to mmap every block above 64 KiB, so that freed activations leave
+the resident set instead of staying in malloc's heap.
 
 The measurement itself (synthetic batches, the paper's model shapes, sweeps, tables and plots)
 is bench_memory.py: `python bench_memory.py --model opt-125m --opt zo_sgd,fo_sgd`.
@@ -104,6 +106,31 @@ def current_bytes(device="cpu") -> int:
     if is_cuda(device):
         return torch.cuda.memory_allocated(device)
     return _status_kib("VmRSS") * 1024 if os.path.exists(STATUS) else peak_bytes(device)
+
+
+def devices(model) -> list[str]:
+    """The devices that hold the model's weights, e.g. ["cuda:0"] or ["cpu"]."""
+    return sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
+
+
+def reset_peaks(devices: list[str]):
+    """`reset` for every device in the list: the next `peaks` reports the peaks from now on."""
+    for device in devices:
+        reset(device)
+
+
+def peaks(devices: list[str]) -> dict[str, dict[str, int]]:
+    """Peak bytes since `reset_peaks`, per device: allocated (tensors) and reserved (the caching
+    allocator's hold) on CUDA, the resident set's high-water mark on CPU."""
+    out = {}
+    for device in devices:
+        if is_cuda(device):
+            torch.cuda.synchronize(device)
+            out[device] = dict(allocated=torch.cuda.max_memory_allocated(device),
+                               reserved=torch.cuda.max_memory_reserved(device))
+        else:
+            out[device] = dict(resident=peak_bytes(device))
+    return out
 
 
 def measure(fn, device="cpu"):

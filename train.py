@@ -8,38 +8,68 @@ never back-propagates; an FO one calls it once and back-propagates. The loop doe
 
 Protocol (paper §4.1, as MeZO): 1000 train / 500 dev examples from one seeded permutation of the
 train split, up to 1000 test examples from the validation split; dev accuracy every --eval_every
-steps selects the checkpoint (--select best); test accuracy is measured once, at the end, on the
+steps selects the weights (--select best); test accuracy is measured once, at the end, on the
 selected weights, and never used for anything else. The model stays in eval mode throughout (no
-dropout), so f(θ+μu) and f(θ−μu) are the same function of θ.
+dropout), so f(θ+μu) and f(θ−μu) are the same function of θ. The best-dev copy stays on the
+device when it fits (CUDA: free memory beside the step's peak), else goes to best.safetensors.
 
-Outputs in --output_dir: config.json (the resolved Config), log.jsonl (one line per step: step,
-loss, lr, projected_grad, time_s, forward_passes), result.json, and with --save the tuned weights.
-Bad input (unknown names, missing or malformed data) stops with one line and exit status 2 before
-anything is written.
+Outputs in --output_dir: config.json (the resolved Config and the hardware), log.jsonl (one line
+per step, flushed: step, loss, lr, projected_grad, time_s, forward_passes, and dev_accuracy at an
+evaluation), result.json, checkpoint-<step>/ (checkpoint.py), and with --save the tuned weights.
+A non-empty --output_dir is refused unless --resume continues it or --overwrite clears it.
+
+Long runs (checkpoint.py): a checkpoint every --checkpoint_every steps, at the end and on the
+first Ctrl-C/SIGTERM (the step in flight finishes; exit 130/143; a second signal stops at once).
+`--resume OUT` continues bitwise: the same log lines, weights and result as a run never stopped
+(time and memory readings aside). It refuses a change of anything that changes the numbers: the
+configuration (except --steps, which extends a constant-lr run, --eval_every, --checkpoint_every
+and --save) and the machine. Determinism has a limit: CUDA's normal kernel draws u in an order
+set by the GPU's SM count, so one seed gives different directions on an A100 and an H200; the
+device name, SM count and versions are recorded (config.json, result.json) and checked on resume.
+
+Precision: --dtype auto (the default) is bf16 on CUDA where supported (else fp16) and fp32 on CPU.
+Weights load straight onto the device. --amp (FO mixed precision) needs fp32 weights.
+
+Exit status: 0 done; 2 bad input (one line, before anything is written); 1 a non-finite loss or
+update (one line; nothing non-finite is saved; result.json says why); 130/143 interrupted.
 
 Not here: estimators (rge.py, forward_grad.py), update rules (optimizers.py), adapters (peft.py),
-data, templates and losses (tasks.py), memory readings (memory.py).
+data, templates and losses (tasks.py), memory readings (memory.py), checkpoints (checkpoint.py).
 """
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoTokenizer)
 from transformers.utils import logging as hf_logging
 
+import checkpoint
 import memory
 import models
 import optimizers
 import peft
 import tasks
 import variants
+
+# what a resumed run may change: none of it changes the numbers of the steps already taken
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "save", "output_dir", "resume",
+             "overwrite")
+# integer flags that must be at least 1
+POSITIVE = ("steps", "batch_size", "q", "eval_every", "eval_batch_size", "mask_every", "lora_r",
+            "num_prefix", "num_virtual_tokens", "num_train", "num_dev", "num_eval",
+            "checkpoint_every")
 
 
 def opt_field(default, help, **kw):
@@ -50,7 +80,8 @@ def opt_field(default, help, **kw):
 class Config:
     # model
     model: str = opt_field("facebook/opt-1.3b", "hub id or local directory of the model")
-    dtype: str = opt_field("fp32", "weight dtype", choices=tuple(models.DTYPES))
+    dtype: str = opt_field("auto", "weight dtype; auto: bf16 on CUDA where supported (else fp16), "
+                           "fp32 on CPU", choices=("auto", *models.DTYPES))
     device: str = opt_field(None, "device (default: cuda if available, else cpu)")
     # task
     task: str = opt_field("sst2", "task", choices=tuple(tasks.TASKS))
@@ -104,54 +135,164 @@ class Config:
                             choices=("best", "last"))
     output_dir: str = opt_field("out", "where config.json, log.jsonl, result.json go")
     save: bool = opt_field(False, "also save the tuned weights (full model or adapter)")
+    overwrite: bool = opt_field(False, "clear a non-empty --output_dir first")
+    checkpoint_every: int = opt_field(None, "also checkpoint every this many steps (always at "
+                                      "the end and on Ctrl-C/SIGTERM)")
+    resume: str = opt_field(None, "continue the run in this output directory from its last "
+                            "checkpoint; may change only --steps, --eval_every, "
+                            "--checkpoint_every and --save")
 
 
 class UserError(Exception):
     """Bad input: reported as one line, exit status 2."""
 
 
+class Diverged(Exception):
+    """A non-finite loss or update: one line, exit status 1, nothing non-finite saved."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, after the checkpoint: one line, exit status 128 + the signal."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
 # ---- set-up -------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> Config:
-    """argparse generated from Config: every field a flag with its help and default."""
+def parser(defaults=True) -> argparse.ArgumentParser:
+    """argparse generated from Config: every field a flag with its help and default. Without
+    defaults, parsing yields only the flags given (what a resume may compare)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
+        default = f.default if defaults else argparse.SUPPRESS
         if f.type is bool:
-            ap.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
+            ap.add_argument(f"--{f.name}", action="store_true", default=default, help=meta["help"])
         else:
             text = meta["help"] + (f": {', '.join(meta['choices'])}" if "choices" in meta else "")
             text += "" if f.default is None else f" (default: {f.default})"
-            ap.add_argument(f"--{f.name}", type=f.type, default=f.default, metavar=f.name.upper(),
+            ap.add_argument(f"--{f.name}", type=f.type, default=default, metavar=f.name.upper(),
                             help=text)
-    return check(Config(**vars(ap.parse_args(argv))))
+    return ap
+
+
+def parse_args(argv=None) -> tuple[Config, set]:
+    """The Config of the command line, and the names of the flags it gave."""
+    return Config(**vars(parser().parse_args(argv))), set(vars(parser(False).parse_args(argv)))
+
+
+def pick_device(cfg: Config) -> str:
+    """--device, or cuda when there is one; a device that is not there is bad input."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+    return device
+
+
+def pick_dtype(cfg: Config, device: str) -> str:
+    """--dtype, with auto = bf16 on CUDA where supported, else fp16; fp32 on CPU."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def check(cfg: Config) -> Config:
-    """Reject unknown names with the valid choices, before anything runs."""
+    """Reject bad values in one line, before anything runs; return cfg with its device and
+    dtype resolved."""
     for f in dataclasses.fields(Config):
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise UserError(f"unknown --{f.name} '{getattr(cfg, f.name)}'; "
-                            f"choose from: {', '.join(choices)}")
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"unknown --{f.name} '{value}'; choose from: {', '.join(choices)}")
+        if f.type is float and value is not None and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
+        if f.name in POSITIVE and value is not None and value < 1:
+            raise UserError(f"--{f.name} must be at least 1, got {value}")
     if cfg.mu <= 0:
         raise UserError(f"--mu must be positive, got {cfg.mu}")
-    if cfg.select == "best" and cfg.num_dev == 0:
-        raise UserError("--select best picks the weights by dev accuracy; it needs --num_dev > 0")
-    for name in ("steps", "batch_size", "q", "eval_every", "eval_batch_size", "mask_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr < 0:
+        raise UserError(f"--lr must be at least 0, got {cfg.lr}")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--overwrite clears a run; it cannot be combined with --resume")
     try:
         variants.check(cfg.opt, **variant(cfg))
     except ValueError as e:
         raise UserError(str(e)) from e
+    device = pick_device(cfg)
+    cfg = dataclasses.replace(cfg, device=device, dtype=pick_dtype(cfg, device))
     if cfg.amp and not issubclass(optimizers.OPTIMIZERS[cfg.opt], optimizers.BackProp):
         raise UserError(f"--amp is mixed precision for back-prop (fo_sgd, fo_adam), not {cfg.opt}")
+    if cfg.amp and cfg.dtype != "fp32":
+        raise UserError(f"--amp runs 16-bit forwards over fp32 weights; the weights here are "
+                        f"{cfg.dtype}: add --dtype fp32")
     if cfg.opt == "forward_grad" and cfg.dtype == "fp16":   # layer norm's JVP overflows in fp16
         raise UserError("forward_grad needs --dtype fp32 or bf16 (the paper runs it in fp32)")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir}: no such directory")
+    local = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(cfg.model)):   # not a hub id: no retries
+        raise UserError(f"--model {cfg.model}: no such directory")
     return cfg
+
+
+def check_output_dir(cfg: Config):
+    """A fresh run needs an empty (or new) --output_dir, or --overwrite; it must be writable."""
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out}: exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out):
+        if not cfg.overwrite:
+            raise UserError(f"--output_dir {out} is not empty; continue its run with --resume "
+                            f"{out}, or clear it with --overwrite")
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise UserError(f"--overwrite clears a run's output directory; {out} holds no "
+                            "config.json, so it is not one")
+    if os.path.isdir(out):
+        try:
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as e:
+            raise UserError(f"--output_dir {out}: not writable ({e.strerror})") from None
+
+
+def resumed(cfg: Config, given: set) -> tuple[Config, str]:
+    """The Config of the run in cfg.resume with the flags given here applied, and its newest
+    checkpoint; refuses a change that would change the numbers, naming it."""
+    out = cfg.resume
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        raise UserError(f"--resume {out}: no config.json there (not a run's output directory)")
+    path = checkpoint.latest(out)
+    if path is None:
+        raise UserError(f"--resume {out}: no checkpoint there (it stopped before its first)")
+    with open(os.path.join(out, "config.json")) as f:
+        saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    here = {k: getattr(cfg, k) for k in given} | dict(output_dir=out, resume=out,
+                                                      overwrite=cfg.overwrite)
+    new = check(Config(**saved | here))
+    linear = new.lr_schedule != "constant"           # its lr depends on --steps
+    fixed = [k for k in saved if k not in RESUMABLE or k == "steps" and linear]
+    changed = [f"--{k} {getattr(new, k)} (the run has {saved[k]})" for k in fixed
+               if getattr(new, k) != saved[k]]
+    if changed:
+        raise UserError(f"--resume {out}: {'; '.join(changed)} would change the numbers; only "
+                        "--steps (constant lr), --eval_every, --checkpoint_every and --save may")
+    state = checkpoint.read_state(path)
+    if new.steps < state["progress"]["step"]:
+        raise UserError(f"--steps {new.steps} is before the checkpoint's step "
+                        f"{state['progress']['step']}")
+    now = checkpoint.fingerprint(new.device)
+    moved = [f"{k} {now.get(k)} (the run has {v})" for k, v in state["fingerprint"].items()
+             if now.get(k) != v]
+    if moved:
+        raise UserError(f"--resume {out}: this machine differs: {'; '.join(moved)}; the numbers "
+                        "would not be the same")
+    return new, path
 
 
 def variant(cfg: Config) -> dict:
@@ -175,16 +316,35 @@ def is_masked_lm(cfg: Config) -> bool:
     try:
         config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {cfg.model}: cannot load ({str(e).splitlines()[0]})")
+        raise UserError(f"--model {cfg.model}: cannot load ({str(e).splitlines()[0]}); without "
+                        "the hub, pass a local directory (save_pretrained's output)") from None
     return models.is_masked_lm(config)
 
 
-def load_model(cfg: Config, device, mlm: bool):
-    """Model and tokenizer from a hub id or a local directory, frozen, in eval mode."""
+def check_model(model, device):
+    """Refuse a model whose forward the ZO hooks cannot see into: f(θ+μu) = f(θ−μu), c = 0,
+    and nothing trains. torch.compile bypasses module hooks; accelerate's offload moves weights
+    in and out behind its own hooks."""
+    if hasattr(model, "_orig_mod"):
+        raise UserError("a torch.compile'd model skips the module hooks that perturb its "
+                        "weights (rge.py); pass the uncompiled model")
+    placed = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    off = {"disk"} | ({"cpu"} if torch.device(device).type == "cuda" else set())
+    hooked = any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules())
+    if placed & off or hooked:
+        raise UserError("an accelerate-offloaded model (device_map with cpu/disk) moves weights "
+                        "behind the ZO hooks; load it whole onto one device")
+
+
+def load_model(cfg: Config, mlm: bool):
+    """Model and tokenizer from a hub id or a local directory, frozen, in eval mode; the weights
+    are loaded straight onto the device (no full copy through host memory)."""
     hf_logging.disable_progress_bar()               # one progress bar on screen: the training one
     auto = AutoModelForMaskedLM if mlm else AutoModelForCausalLM
     kw = {"attn_implementation": "eager"} if cfg.opt == "forward_grad" else {}
-    model = auto.from_pretrained(cfg.model, dtype=models.DTYPES[cfg.dtype], **kw).to(device).eval()
+    model = auto.from_pretrained(cfg.model, dtype=models.DTYPES[cfg.dtype],
+                                 device_map={"": cfg.device}, **kw).eval()
+    check_model(model, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if not tokenizer("a", add_special_tokens=False).input_ids:
         raise UserError(f"--model {cfg.model}: its tokenizer encodes text to nothing "
@@ -205,14 +365,25 @@ def max_length(cfg: Config, model) -> int:
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """Constant, or linear decay to 0 over the run."""
+    """The lr of the step after `step` steps: constant, or linear decay, η(1 − step/steps)."""
     return cfg.lr if cfg.lr_schedule == "constant" else cfg.lr * (1 - step / cfg.steps)
+
+
+def jsonable(obj):
+    """obj with every NaN/inf float as None: strict JSON, which any reader parses."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
 
 
 def write_json(path, obj):
     """Write atomically: a reader never sees half a file."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(jsonable(obj), f, indent=2, allow_nan=False)
     os.replace(path + ".tmp", path)
 
 
@@ -221,93 +392,212 @@ def write_json(path, obj):
 @dataclass
 class Run:
     """What setup() prepared: everything the loop needs, all checked."""
-    device: str
     model: torch.nn.Module
     tokenizer: object
-    mlm: bool                 # a masked LM (RoBERTa), scored at the mask token
     splits: tuple             # train, dev, test examples
     params: list              # the trainable tensors
+    names: list               # their names in the model (safetensors keys)
     opt: torch.optim.Optimizer
     batches: tasks.Batches    # training batches by step: batches.at(k) for step k + 1
     eval_sets: tuple          # dev and test, encoded once (tasks.EvalSet)
-    length: int               # the longest input, in tokens
 
 
-def train(cfg: Config, run: Run) -> dict:
-    """The plain loop; returns the result dict of DESIGN §7."""
-    model, opt, params, device = run.model, run.opt, run.params, run.device
-    train_set, dev_set, test_set = run.splits
+@dataclass
+class Progress:
+    """Where a run stands after `step` steps: all the loop carries besides weights and
+    optimizer state (a checkpoint's state.json)."""
+    step: int = 0
+    best_dev: float = -1.0       # best dev accuracy so far, at best_step
+    best_step: int = 0
+    last_dev: float = -1.0       # the latest dev accuracy
+    forward_passes: int = 0
+    seconds: float = 0.0         # summed step times
+    peak: dict = field(default_factory=dict)   # device -> reading -> bytes (memory.py)
+    log_bytes: int = 0           # log.jsonl's length at this step
+
+
+def parts(opt) -> list:
+    """The torch optimizers inside `opt` (the hybrid holds two)."""
+    return [opt.zo, opt.fo] if isinstance(opt, variants.Hybrid) else [opt]
+
+
+def finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def fits_on_device(device, nbytes) -> bool:
+    """Can a copy of nbytes stay on the device? CPU: yes (host memory). CUDA: if it fits in the
+    free memory (the driver's and the allocator's cache) beside the step's dynamic peak."""
+    if not memory.is_cuda(device):
+        return True
+    free = torch.cuda.mem_get_info(device)[0]
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dynamic = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    return nbytes + dynamic <= 0.95 * (free + cached)
+
+
+def copy_best(cfg: Config, run: Run):
+    """The current weights as the best-dev copy: tensors on the device when they fit (adapters
+    always), else best.safetensors in the output directory (its path)."""
+    if cfg.peft != "ft" or fits_on_device(cfg.device, sum(p.nbytes for p in run.params)):
+        return [p.detach().clone() for p in run.params]
+    path = os.path.join(cfg.output_dir, checkpoint.BEST)
+    checkpoint.write_tensors(dict(zip(run.names, run.params)), path)
+    return path
+
+
+@torch.no_grad()
+def load_weights(run: Run, weights):
+    """Copy weights (a list in run.params' order, or name -> tensor, or a safetensors path)
+    into the trainable tensors."""
+    if isinstance(weights, str):
+        weights = load_file(weights, device=str(run.params[0].device))
+    if isinstance(weights, dict):
+        weights = [weights[n] for n in run.names]
+    for p, w in zip(run.params, weights):
+        p.copy_(w)
+
+
+def save_checkpoint(cfg, run, progress, best, log) -> str:
+    """checkpoint.save of the run after progress.step steps, the log flushed to disk first."""
+    log.flush()
+    os.fsync(log.fileno())
+    progress.log_bytes = log.tell()
+    if not finite(run.params):
+        raise Diverged(f"step {progress.step}: the weights hold NaN/inf; no checkpoint written")
+    state = dict(progress=dataclasses.asdict(progress), config=dataclasses.asdict(cfg),
+                 fingerprint=checkpoint.fingerprint(cfg.device))
+    best = dict(zip(run.names, best)) if isinstance(best, list) else best
+    return checkpoint.save(cfg.output_dir, progress.step, state,
+                           dict(zip(run.names, run.params)), best, parts(run.opt))
+
+
+def restore(cfg: Config, run: Run, path: str):
+    """Progress and best-dev copy from checkpoint `path`, its weights and optimizer state loaded,
+    log.jsonl cut back to the checkpoint's step."""
+    weights, best_file = checkpoint.load(path, parts(run.opt), cfg.device)
+    load_weights(run, weights)
+    del weights
+    progress = Progress(**checkpoint.read_state(path)["progress"])
+    with open(os.path.join(cfg.output_dir, "log.jsonl"), "r+b") as f:
+        f.truncate(progress.log_bytes)          # lines written after the checkpoint
+    best = None
+    if best_file is not None:
+        if cfg.peft != "ft" or fits_on_device(cfg.device, os.path.getsize(best_file)):
+            saved = load_file(best_file, device=str(cfg.device))
+            best = [saved[n] for n in run.names]
+        else:
+            best = os.path.join(cfg.output_dir, checkpoint.BEST)
+            shutil.copyfile(best_file, best + ".tmp")
+            os.replace(best + ".tmp", best)
+    elif cfg.select == "best" and progress.best_step == progress.step < cfg.steps:
+        best = copy_best(cfg, run)        # the run ended at its best step and is extended
+    return progress, best
+
+
+def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
+    """The plain loop from progress.step to cfg.steps; returns the result dict of DESIGN §7."""
+    model, opt, params, device = run.model, run.opt, run.params, cfg.device
+    devices = memory.devices(model)
 
     def evaluate(data):
         return tasks.evaluate(model, data, batch_size=cfg.eval_batch_size)
 
-    best = {"dev_accuracy": -1.0, "step": 0, "weights": None}
-    peak, step_times, passes = 0, [], 0
-    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "w")
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True)
-    for step in bar:
-        batch = tasks.to(run.batches.at(step - 1), device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step - 1)
+    def read_peak():
+        for d, reading in memory.peaks(devices).items():
+            mine = progress.peak.setdefault(d, {})
+            for k, v in reading.items():
+                mine[k] = max(mine.get(k, 0), v)
 
-        def closure(pair=False):      # pair: [f+, f−] of the batch doubled (rge.estimate)
-            return tasks.pair_loss(model, batch) if pair else tasks.loss(model, batch)
-        memory.reset(device)
-        start = time.perf_counter()
-        loss = opt.step(closure)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - start)
-        peak = max(peak, memory.peak_bytes(device))
-        passes += opt.forward_passes
-        log.write(json.dumps(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"],
-                                  projected_grad=opt.projected_grad, time_s=step_times[-1],
-                                  forward_passes=opt.forward_passes)) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", ms=f"{step_times[-1] * 1e3:.0f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            dev = evaluate(run.eval_sets[0])["accuracy"]
-            tqdm.write(f"step {step} | dev accuracy {dev:.4f}")
-            if dev > best["dev_accuracy"]:
-                keep = cfg.select == "best" and step != cfg.steps
-                best = {"dev_accuracy": dev, "step": step,
-                        "weights": [p.detach().cpu().clone() for p in params] if keep else None}
-    log.close()
-    if cfg.select == "last":
-        best = {"dev_accuracy": dev, "step": cfg.steps, "weights": None}
-    if best["weights"] is not None:                   # back to the best dev checkpoint
-        with torch.no_grad():
-            for p, w in zip(params, best["weights"]):
-                p.copy_(w)
-    test = evaluate(run.eval_sets[1])
-    return dict(dev_accuracy=best["dev_accuracy"], test_accuracy=test["accuracy"],
-                test_metrics=test, selected_step=best["step"],
-                peak_memory_gb=peak / memory.GIB, step_time_s=sum(step_times) / len(step_times),
-                forward_passes=passes, trainable_params=sum(p.numel() for p in params),
-                steps=cfg.steps, num_train=len(train_set), num_dev=len(dev_set),
-                num_test=len(test_set), device=str(device))
+    stop = []                            # the signal that asked to stop, if any
 
+    def on_signal(signum, frame):
+        if stop:                         # the second one: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        stop.append(signum)
 
-def pick_device(cfg: Config) -> str:
-    """--device, or cuda when there is one; a device that is not there is bad input."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
+    bar = tqdm(range(progress.step + 1, cfg.steps + 1), initial=progress.step, total=cfg.steps,
+               desc=f"{cfg.opt} {cfg.task}", dynamic_ncols=True)
+    memory.reset_peaks(devices)          # the peak of training steps, read before evaluations
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device (e.g. cpu, cuda, cuda:1)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here")
-    return device
+        for step in bar:
+            batch = tasks.to(run.batches.at(step - 1), device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step - 1)
+
+            def closure(pair=False):  # pair: [f+, f−] of the batch doubled (rge.estimate)
+                return tasks.pair_loss(model, batch) if pair else tasks.loss(model, batch)
+            start = time.perf_counter()
+            try:
+                loss = opt.step(closure)
+            except FloatingPointError as e:         # rge: a non-finite loss at θ ± μu
+                raise Diverged(f"step {step}: {e}") from None
+            if memory.is_cuda(device):
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            if not math.isfinite(loss):
+                raise Diverged(f"step {step}: the loss is {loss}")
+            progress.step, progress.seconds = step, progress.seconds + seconds
+            progress.forward_passes += opt.forward_passes
+            line = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"],
+                        projected_grad=opt.projected_grad, time_s=seconds,
+                        forward_passes=opt.forward_passes)
+            bar.set_postfix(loss=f"{loss:.4f}", ms=f"{seconds * 1e3:.0f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                read_peak()
+                if not finite(params):
+                    raise Diverged(f"step {step}: the weights hold NaN/inf")
+                progress.last_dev = line["dev_accuracy"] = evaluate(run.eval_sets[0])["accuracy"]
+                tqdm.write(f"step {step} | dev accuracy {progress.last_dev:.4f}")
+                if progress.last_dev > progress.best_dev:
+                    progress.best_dev, progress.best_step = progress.last_dev, step
+                    if cfg.select == "best":
+                        best = None                     # free the old copy first
+                        best = copy_best(cfg, run) if step != cfg.steps else None
+                memory.reset_peaks(devices)
+            log.write(json.dumps(jsonable(line), allow_nan=False) + "\n")
+            log.flush()
+            every = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+            if every or step == cfg.steps or stop:
+                path = save_checkpoint(cfg, run, progress, best, log)
+            if stop:
+                bar.close()
+                raise Interrupted(stop[0], f"interrupted by {signal.Signals(stop[0]).name} after "
+                                  f"step {step}; checkpoint in {path}; continue with "
+                                  f"python train.py --resume {cfg.output_dir}")
+        read_peak()
+    finally:
+        bar.close()
+        log.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if cfg.select == "last":
+        progress.best_dev, progress.best_step = progress.last_dev, cfg.steps
+    elif best is not None:                            # back to the best dev weights
+        load_weights(run, best)
+    test = evaluate(run.eval_sets[1])
+    peak = {d: {k: v / memory.GIB for k, v in r.items()} for d, r in progress.peak.items()}
+    return dict(dev_accuracy=progress.best_dev, test_accuracy=test["accuracy"],
+                test_metrics=test, selected_step=progress.best_step,
+                peak_memory_gb=max(max(r.values()) for r in peak.values()), peak_memory=peak,
+                step_time_s=progress.seconds / cfg.steps, forward_passes=progress.forward_passes,
+                trainable_params=sum(p.numel() for p in params), steps=cfg.steps,
+                num_train=len(run.splits[0]), num_dev=len(run.splits[1]),
+                num_test=len(run.splits[2]), device=cfg.device, dtype=cfg.dtype,
+                hardware=checkpoint.fingerprint(cfg.device))
 
 
 def setup(cfg: Config) -> Run:
-    """Everything that can fail on bad input, before anything is written."""
-    device = pick_device(cfg)
+    """Everything that can fail on bad input, before anything is written; then the output
+    directory is made (or cleared, with --overwrite)."""
     try:
         task, mlm = tasks.get(cfg.task), is_masked_lm(cfg)
         splits = tasks.load(task, cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
                             num_eval=cfg.num_eval, seed=cfg.data_seed, align=not cfg.no_align,
                             mlm=mlm)
-        model, tokenizer = load_model(cfg, device, mlm)
+        model, tokenizer = load_model(cfg, mlm)
         length = max_length(cfg, model)
         if length < 2:                     # a candidate needs a token to be scored after another
             raise UserError(f"--max_length leaves {length} token(s) for the input")
@@ -323,25 +613,44 @@ def setup(cfg: Config) -> Run:
                                 seed=cfg.seed, max_length=length, mlm=mlm)
         eval_sets = tuple(tasks.encode_eval(tokenizer, split, max_length=length, mlm=mlm)
                           for split in splits[1:])
+        if cfg.overwrite:
+            shutil.rmtree(cfg.output_dir)
         os.makedirs(cfg.output_dir, exist_ok=True)
     except (ValueError, OSError) as e:   # DataError, peft's and the optimizers' checks, files
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    return Run(device, model, tokenizer, mlm, splits, params, opt, batches, eval_sets, length)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return Run(model, tokenizer, splits, params, [names[id(p)] for p in params], opt, batches,
+               eval_sets)
 
 
-def main(cfg: Config) -> dict:
-    """Set up, train, write the outputs; returns result.json's content."""
+def main(cfg: Config, given=()) -> dict:
+    """Check, set up (or restore), train, write the outputs; returns result.json's content."""
+    if cfg.resume:
+        cfg, path = resumed(cfg, given)
+    else:
+        cfg, path = check(cfg), None
+        check_output_dir(cfg)
     run = setup(cfg)
     total = sum(p.numel() for p in run.model.parameters())
     trainable = sum(p.numel() for p in run.params)
     print(f"{cfg.model} | {cfg.peft} | trainable {trainable:,} of {total:,} parameters "
-          f"({100 * trainable / total:.3f}%) | {run.device} {cfg.dtype}")
-    write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))
-    result = train(cfg, run)
+          f"({100 * trainable / total:.3f}%) | {cfg.device} {cfg.dtype}")
+    write_json(os.path.join(cfg.output_dir, "config.json"),
+               dataclasses.asdict(cfg) | dict(hardware=checkpoint.fingerprint(cfg.device)))
+    progress, best = restore(cfg, run, path) if path else (Progress(), None)
+    try:
+        result = train(cfg, run, progress, best)
+    except Diverged as e:
+        write_json(os.path.join(cfg.output_dir, "result.json"),
+                   dict(error=f"diverged: {e}", step=progress.step, test_accuracy=None,
+                        dev_accuracy=None))
+        raise
     if cfg.save:
+        if not finite(run.params):
+            raise Diverged(f"step {cfg.steps}: the selected weights hold NaN/inf")
         save_weights(cfg, run.model, run.tokenizer)
     write_json(os.path.join(cfg.output_dir, "result.json"), result)
-    print(json.dumps({k: v for k, v in result.items() if k != "test_metrics"}))
+    print(json.dumps(jsonable({k: v for k, v in result.items() if k != "test_metrics"})))
     return result
 
 
@@ -360,13 +669,23 @@ def save_weights(cfg, model, tokenizer):
 
 
 def cli(argv=None):
-    """Entry point: bad input is one line on stderr and exit status 2, no traceback."""
+    """Entry point: bad input is one line on stderr and exit status 2, no traceback; a
+    divergence exits 1, an interruption 128 + the signal."""
     try:
-        cfg = parse_args(argv)
-        return main(cfg)
+        return main(*parse_args(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: diverged at {e}; nothing non-finite was saved (try a lower --lr)",
+              file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("interrupted (nothing written since the last checkpoint, if any)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

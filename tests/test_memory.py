@@ -229,3 +229,22 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_peft_is_imported_only_for_an_adapter(small_opt, capsys):
     row, = meta("--model", small_opt, "--peft", "lora")
     assert 0 < row["_terms"]["x"] < row["_terms"]["W"] / 100
+
+
+def test_hub_ids_and_recorded_results_are_kept(tmp_path, monkeypatch, capsys):
+    """facebook/opt-125m is opt-125m's shape; a sweep without --out never replaces a recorded
+    file in results/, and replaces it when --out names the folder."""
+    sweep = ["--sweep", "seq_len", "8,16", "--opt", "zo_sgd"]
+    hub, short = (meta("--model", name, "--seq_len", "8") for name in ("facebook/opt-125m",
+                                                                        "opt-125m"))
+    assert hub == [row | {"model": "facebook/opt-125m"} for row in short]
+    monkeypatch.chdir(tmp_path)
+    recorded = tmp_path / "results" / "opt-125m_seq_len_meta.csv"
+    recorded.parent.mkdir()
+    recorded.write_text("recorded")
+    with pytest.raises(SystemExit) as exit_info:
+        meta("--model", "facebook/opt-125m", *sweep)
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert recorded.read_text() == "recorded"
+    meta("--model", "facebook/opt-125m", *sweep, "--out", "results")
+    assert recorded.read_text().startswith("model,")
