@@ -83,7 +83,10 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
     Hyper-parameters of every ZO method: lr, mu, q, weight_decay, seed, and
     - pair (True): evaluate f(θ + μu) and f(θ − μu) in one walk over a doubled batch when the
       closure supports it (`closure(pair=True)`, see rge.estimate): u is drawn once per query
-      instead of twice, the activations double. pair=False (or a plain closure): two forwards;
+      instead of twice, and a tied tensor once per forward (its two copies kept for its second
+      reader); the activations double. The fast path. pair=False (or a plain closure): two
+      forwards, 3 draws (a tied tensor 5), one module's copies at a time: the lean path, for
+      long sequences on a model that barely fits (Tab. 5's ZO row holds for it);
     - rounding ("stochastic" | "nearest"): how 16-bit weights take the update;
     - allow_unreached (False): let a trainable tensor that no module forward reads pass.
 
@@ -124,8 +127,10 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
     def estimate(self, closure, params, group) -> rge.Estimate:
         mask = self.mask(group)
         seeds = [self.next_seed() for _ in range(group["q"])]
-        tied = {i for i, p in enumerate(params) if id(p) in self.tied}
         pair = group["pair"] and rge.supports_pair(closure)
+        # paired: a tensor read twice is perturbed once per forward, its copies kept for its
+        # second reader; sequential stays at one module's copies at a time (Tab. 5's max_l |x_l|)
+        tied = {i for i, p in enumerate(params) if id(p) in self.tied} if pair else set()
         est = rge.estimate(closure, params, seeds=seeds, mu=group["mu"], mask=mask, pair=pair,
                            tied=tied, allow_unreached=group["allow_unreached"])
         self.tied |= {id(params[i]) for i in est.tied}   # from the next forward on: drawn once
@@ -247,10 +252,9 @@ class ZOSGDCons(ZOSGD):
         f = {0: float(closure())}                                        # 1) f(θ)
         est = super().estimate(closure, params, group)                   # 2) ĝ from 2q forwards
         q = len(est.seeds)
-        tied = {i for i, p in enumerate(params) if id(p) in self.tied}
         for h in (1, -1):                                                # 3) f(θ − hηĝ)
             scales = [-h * group["lr"] * d / q for d in est.projected_grads]
-            with rge.perturbed(params, est.seeds, scales, est.mask, tied):
+            with rge.perturbed(params, est.seeds, scales, est.mask):
                 f[h] = float(closure())
         self.choice = min(f, key=f.get)                 # the first minimum: ties keep θ
         est.loss, est.forward_passes = f[0], est.forward_passes + 3

@@ -28,8 +28,9 @@ the forwards). The in-place scheme draws u four times. Here:
   (ZO2's "dual forward"), u is drawn once per query and once more by the update: 2 draws;
 - the sequential path (`perturbed` twice): two forwards, 3 draws, half the activations;
 - a tensor read by two modules (OPT's and RoBERTa's tied embedding, also the LM head: 31% of
-  OPT-125M) is perturbed once per forward and the copy kept for its second reader, once an
-  earlier forward has shown it is read twice (`Estimate.tied`).
+  OPT-125M) can be perturbed once per forward, its copy kept for its second reader (`keep`),
+  once an earlier forward has shown it is read twice (`Estimate.tied`). The optimizers do so
+  on the paired path; the sequential one, chosen for memory, holds one module's copies at a time.
 The update then folds d into its step size: θ − (η d)·u, one pass over u (`gradients`).
 
 Sparse directions (§5, Tab. 8): u_i ⊙ m_i, m_i ~ Bernoulli(1 − s_i) drawn inside `direction`, so
@@ -146,11 +147,11 @@ def _batch_size(module, args) -> int:
 
 def _halves(values, n):
     """Two copies of `values` (a tuple or dict of call arguments) with every tensor whose first
-    dimension is n cut into rows :n/2 and n/2:, and the int n (a batch size) halved."""
+    dimension is n cut into rows :n/2 and n/2:."""
     def cut(v, h):
         if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
             return v[:n // 2] if h == 0 else v[n // 2:]
-        return n // 2 if v is n else v
+        return v
     if isinstance(values, dict):
         return tuple({k: cut(v, h) for k, v in values.items()} for h in (0, 1))
     return tuple(tuple(cut(v, h) for v in values) for h in (0, 1))
@@ -219,6 +220,8 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
                                 "which the paired forward's second half would bypass")
             n = _batch_size(module, args)
             args, rest = _halves(args, n)
+            if not isinstance(args[0], torch.Tensor):          # an int batch size: halved
+                args, rest = (n // 2, *args[1:]), (n // 2, *rest[1:])
             half[0] = 0
         if half[0] != 1:
             reads.update(index[id(p)] for _, p in slots)

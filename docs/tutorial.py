@@ -98,7 +98,8 @@ for dim in dims:
 # from `rge.estimate`, which evaluates f(θ ± μu_j) *functionally* (θ is never written) and
 # returns an `Estimate`: the loss, the seeds, and one number per direction, the projected
 # gradient d_j = [f(θ + μu_j) − f(θ − μu_j)]/(2μ). `rge.gradients` redraws each u_j from its seed
-# and yields ĝ = (1/q) Σ_j d_j u_j one tensor at a time, the way the optimizers consume it.
+# and yields ĝ = (1/q) Σ_j d_j u_j one tensor at a time, as (p, g, scale) with ĝ_p = scale·g,
+# the way the optimizers consume it.
 
 # %%
 def mlp(inputs, width, outputs, dtype=torch.float32):
@@ -136,7 +137,7 @@ def rge_cosine(model, grad, q, mu, seed):
     ps = list(model.parameters())
     seeds = torch.randint(2**40, (q,), generator=torch.Generator().manual_seed(seed)).tolist()
     est = rge.estimate(loss_of(model), ps, seeds=seeds, mu=mu)
-    return cosine(flat(g for _, g in rge.gradients(est, ps)), grad)
+    return cosine(flat(s * g for _, g, s in rge.gradients(est, ps)), grad)
 
 
 grad = true_gradient(student)
