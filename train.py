@@ -538,7 +538,6 @@ def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
             batch = tasks.to(run.batches.at(step - 1), device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step - 1)
-
             start = time.perf_counter()
             try:
                 loss = opt.step(distributed.closure(model, batch, world))

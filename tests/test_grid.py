@@ -73,7 +73,7 @@ def test_variant_rows_and_switches():
     (dict(optimizers={"zo_sgd": {"mu": [1e-3]}}), "no lr grid"),
     (dict(flags={"stepz": 3}), "'stepz' is not a train.py flag"),
     (dict(flags={"steps": "3"}), "flag 'steps' must be int"),
-    (dict(flags={"dtype": "fp8"}), "choose from: fp32"),
+    (dict(flags={"dtype": "fp8"}), "choose from: auto, fp32"),
     (dict(flags={"lr": 1e-3}), "'lr' is set by the grid"),
     (dict(models=["a/m", "b/m"]), "share the directory"),
 ])
@@ -154,7 +154,7 @@ def test_layout_columns_name_what_varies():
 def test_run_states_and_restart_flags(tmp_path, monkeypatch):
     """done / resume / dirty / new, and only the restart flags train.py has."""
     done, resume, dirty = (str(tmp_path / n) for n in ("done", "resume", "dirty"))
-    os.makedirs(os.path.join(resume, "checkpoint"))
+    os.makedirs(os.path.join(resume, "checkpoint-20"))
     os.makedirs(dirty)
     open(os.path.join(dirty, "log.jsonl"), "w").close()
     cell = grid.expand(spec_of())[0]
