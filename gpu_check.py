@@ -176,12 +176,12 @@ def main(argv=None):
                         peak_memory_gb=zero["result"]["peak_memory_gb"])
         # (c) a real learning rate, with and without stochastic rounding of the update
         moved = {}
-        for label, flag in (("rounded", "on"), ("nearest", "off")):
-            r = train_run(args, model, work, label, ["--lr", str(args.lr),
-                                                     "--stochastic_rounding", flag])
+        for rounding in ("stochastic", "nearest"):
+            r = train_run(args, model, work, rounding, ["--lr", str(args.lr),
+                                                        "--rounding", rounding])
             shares = [line["moved_fraction"] for line in r.get("log", [])
                       if line.get("moved_fraction") is not None]
-            moved[label] = dict(status=r["status"], seconds=r["seconds"],
+            moved[rounding] = dict(status=r["status"], seconds=r["seconds"],
                                 mean_moved_fraction=sum(shares) / len(shares) if shares else None)
     finally:
         shutil.rmtree(work)

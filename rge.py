@@ -297,13 +297,17 @@ def perturbed_pair(params: list[torch.Tensor], seed: int, mu: float, mask: Mask 
 
 # ---- the estimate -------------------------------------------------------------------------------
 
+class Unreached(ValueError):
+    """A trainable tensor that no module forward read: the estimate cannot see it move."""
+
+
 def check_reached(params, reads, allow_unreached=False):
     """A trainable tensor that no module forward read would get c·u from an estimate that never
-    saw it move: an error (ValueError), unless `allow_unreached`."""
+    saw it move: an error (Unreached), unless `allow_unreached`."""
     missed = [i for i in range(len(params)) if not reads[i]]
     if missed and not allow_unreached:
         shapes = ", ".join(f"#{i} {tuple(params[i].shape)}" for i in missed[:3])
-        raise ValueError(f"{len(missed)} trainable tensor(s) never entered a module forward during "
+        raise Unreached(f"{len(missed)} trainable tensor(s) never entered a module forward during "
                          f"the loss ({shapes}): a torch.compile'd model or accelerate CPU/disk "
                          "offload bypasses module forwards, or the tensor is unused or read "
                          "outside its module; pass allow_unreached=True to train it anyway")

@@ -66,6 +66,7 @@ import memory
 import models
 import optimizers
 import peft
+import rge
 import tasks
 import variants
 
@@ -114,6 +115,11 @@ class Config:
     no_amsgrad: bool = opt_field(False, "zo_adam as plain Adam, without App. A's max rule")
     sign: str = opt_field("element", "zo_sgd_sign: element-wise sign(ĝ) (§3) or App. A's "
                           "sign(projected gradient)·u", choices=("element", "scalar"))
+    sequential: bool = opt_field(False, "ZO: f(θ+μu) and f(θ−μu) in two forwards instead of one "
+                                 "over a doubled batch (half the activations, one more draw of u)")
+    rounding: str = opt_field("stochastic", "ZO with 16-bit weights: round the update to the "
+                              "weight dtype stochastically (unbiased) or to nearest",
+                              choices=optimizers.ROUNDINGS)
     amp: bool = opt_field(False, "fo_sgd / fo_adam in mixed precision (fp16 autocast + grad "
                           "scaling on CUDA, bf16 autocast on CPU); keep --dtype fp32")
     batch_size: int = opt_field(16, "training examples per step")
@@ -313,7 +319,8 @@ def variant(cfg: Config) -> dict:
 def hyperparameters(cfg: Config, name: str) -> dict:
     """The constructor arguments of optimizer `name`, spelled out: a misspelt one is an error."""
     fo = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    zo = fo | dict(mu=cfg.mu, q=cfg.q, seed=cfg.seed)
+    zo = fo | dict(mu=cfg.mu, q=cfg.q, seed=cfg.seed, pair=not cfg.sequential,
+                   rounding=cfg.rounding)
     adam = dict(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
     return {"zo_sgd": zo, "zo_sgd_sign": zo | dict(sign=cfg.sign),
             "zo_sgd_mmt": zo | dict(momentum=cfg.momentum), "zo_sgd_cons": zo,
@@ -543,6 +550,8 @@ def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
                 loss = opt.step(distributed.closure(model, batch, world))
             except FloatingPointError as e:         # rge: a non-finite loss at θ ± μu
                 raise Diverged(f"step {step}: {e}") from None
+            except (rge.PairError, rge.Unreached) as e:     # the model does not fit the method
+                raise UserError(str(e)) from None
             if memory.is_cuda(device):
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
@@ -552,7 +561,8 @@ def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
             progress.forward_passes += opt.forward_passes
             line = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"],
                         projected_grad=opt.projected_grad, time_s=seconds,
-                        forward_passes=opt.forward_passes)
+                        forward_passes=opt.forward_passes,
+                        moved_fraction=getattr(opt, "moved_fraction", None))
             bar.set_postfix(loss=f"{loss:.4f}", ms=f"{seconds * 1e3:.0f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 read_peak()
