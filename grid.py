@@ -37,8 +37,8 @@ Every flag is checked against train.py's Config before anything runs (one line, 
 
 Running: one run at a time, or one per visible GPU (--gpus 0,1; default: every GPU torch sees),
 each child with CUDA_VISIBLE_DEVICES set to its GPU. A directory with a valid result.json is done
-and skipped; one with a checkpoint-<step>/ is resumed (train.py --resume, where train.py has it); any
-other non-empty one is rerun (--overwrite, where train.py has it). A failed run never stops the
+and skipped; one with a checkpoint-<step>/ is resumed (train.py --resume, on the run's own number
+of CPU threads); any other non-empty one is rerun (--overwrite). A failed run never stops the
 others; each failure is listed at the end with the last line of its stderr, and the exit status
 is 1.
 
@@ -335,6 +335,9 @@ def run_one(cell, out, gpu, kind, threads):
     env.setdefault("TQDM_MININTERVAL", "30")          # a progress line every 30 s in .err
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if kind == "resume":        # train.py resumes a CPU run only on its own number of threads
+        hardware = (read_json(os.path.join(run_dir, "config.json")) or {}).get("hardware", {})
+        threads = hardware.get("threads", threads)
     env.setdefault("OMP_NUM_THREADS", str(threads))   # CPU workers share the cores
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     mode = "a" if kind == "resume" else "w"

@@ -234,13 +234,13 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert list(steps) == [1, 2] and len(losses) == 2 and [s for s, _ in dev] == [1, 2]
 
     lost = os.path.join(out, finished[3].path)
-    os.remove(os.path.join(lost, "result.json"))            # killed before its result was written
+    os.remove(os.path.join(lost, "result.json"))    # killed after its checkpoint, before its result
     kept = {c.path: os.stat(os.path.join(out, c.path, "result.json")).st_mtime_ns
             for c in finished if c != finished[3]}
     del spec["optimizers"]["forward_grad"]
     second = grid_cli("run", write_spec(tmp_path / "spec.json", spec), "--out", out)
     assert second.returncode == 0, second.stderr
     assert "7 finished before, 1 to run" in second.stdout
-    assert f"ok    {finished[3].path} (dirty)" in second.stdout
+    assert f"ok    {finished[3].path} (resume)" in second.stdout    # from its last checkpoint
     assert grid.state(lost) == "done"
     assert kept == {p: os.stat(os.path.join(out, p, "result.json")).st_mtime_ns for p in kept}
