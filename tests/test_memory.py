@@ -14,7 +14,7 @@ from torch.nn.modules.module import register_module_forward_hook
 import bench_memory
 import memory
 import models
-from tiny import FAMILIES, tiny_config
+from tiny import FAMILIES, tiny_config, fast_first
 
 GIB, MIB = memory.GIB, 2**20
 # two transformer layers between embeddings and head: |x_l|, |a_l| in bytes, |W| = 100
@@ -57,6 +57,7 @@ def test_fp16_foreach_kept_gradients_and_hybrid_by_hand():
     assert dynamic == [115, max(20 + 40, 30), 30]
 
 
+@pytest.mark.slow
 def test_opt125m_closed_form_and_f16():
     """OPT-125M's |x_l| from its shapes, Tab. 5's ZO rows and F16 halving (App. C.2)."""
     h, n, vocab, positions = 768, 12, 50272, 2048 + 2
@@ -151,7 +152,7 @@ def test_synthetic_losses_against_the_models_own_logits(family):
     assert caches == [] and bool(default_caches) == (family != "roberta")   # the spotter works
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", fast_first(FAMILIES))
 def test_both_losses_run_on_the_meta_device(family, tmp_path):
     """Every family's terms on meta (transformers' mask code must not read token values): what
     the every-token loss saves beyond the task loss in the head (the logits) grows with T."""
@@ -176,6 +177,7 @@ def small_opt(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(memory.CLEAR_REFS), reason="needs Linux /proc")
 def test_cpu_readings_weights_state_and_dynamic(small_opt):
     zo, fo = bench_memory.main(["--model", small_opt, "--opt", "zo_sgd,fo_sgd", "--device", "cpu",
@@ -196,6 +198,7 @@ def test_cpu_readings_weights_state_and_dynamic(small_opt):
     assert fo["measured_dynamic"] - fo["predicted_dynamic"] == pytest.approx(emb, rel=0.1)
 
 
+@pytest.mark.slow
 def test_hybrid_sweep_falls_with_zo_layers_and_is_written(small_opt, tmp_path, capsys):
     rows = meta("--model", small_opt, "--sweep", "zo_layers", "0,1,2", "--out", str(tmp_path))
     peaks = [r["predicted_peak"] for r in rows]
@@ -231,6 +234,7 @@ def test_peft_is_imported_only_for_an_adapter(small_opt, capsys):
     assert 0 < row["_terms"]["x"] < row["_terms"]["W"] / 100
 
 
+@pytest.mark.slow
 def test_hub_ids_and_recorded_results_are_kept(tmp_path, monkeypatch, capsys):
     """facebook/opt-125m is opt-125m's shape; a sweep without --out never replaces a recorded
     file in results/, and replaces it when --out names the folder."""

@@ -15,7 +15,7 @@ import models
 import optimizers
 import rge
 import variants
-from tiny import DATA, needs_shared, save_tiny, tiny_config, tiny_model
+from tiny import DATA, needs_shared, save_tiny, tiny_config, tiny_model, fast_first
 
 VARIANTS = {"block": dict(block=True), "hybrid": dict(zo_layers=1), "sparse": dict(sparsity=0.3),
             "all three": dict(block=True, zo_layers=1, sparsity=0.3)}
@@ -75,6 +75,7 @@ def test_opt_1_3b_has_26_blocks():
         "project_out", "final_layer_norm", "final_layer_norm"]
 
 
+@pytest.mark.slow
 def test_block_estimate_beats_full_rge_at_equal_forwards():
     """Tab. 6's rationale: at 2p forwards, p block estimates point closer to ∇f than one q = p RGE.
 
@@ -259,10 +260,11 @@ def test_bad_variants_fail_in_one_line(args, error):
 # ---- the CLI ----------------------------------------------------------------------------------
 
 @needs_shared
-@pytest.mark.parametrize("peft_method", ["ft", "lora"])
-@pytest.mark.parametrize("opt", ["zo_sgd", "zo_adam"])
-@pytest.mark.parametrize("flags, passes", [(["--block"], 8), (["--zo_layers", "1"], 3),
-                                           (["--sparsity", "0.2", "--mask_every", "2"], 2)])
+@pytest.mark.parametrize("peft_method", fast_first(["ft", "lora"]))
+@pytest.mark.parametrize("opt", fast_first(["zo_sgd", "zo_adam"]))
+@pytest.mark.parametrize("flags, passes", fast_first([
+    (["--block"], 8), (["--zo_layers", "1"], 3), (["--sparsity", "0.2", "--mask_every", "2"], 2)],
+    keep=3))
 def test_cli_runs_each_variant(flags, passes, opt, peft_method, tmp_path):
     """train.py end to end on a tiny OPT: each step logs its forwards (q = 1)."""
     import train

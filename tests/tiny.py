@@ -81,3 +81,12 @@ def make_optimizer(name, params, **hparams):
     if issubclass(optimizers.OPTIMIZERS[name], optimizers.BackProp):
         hparams = {k: v for k, v in hparams.items() if k not in ZO_ONLY}
     return optimizers.OPTIMIZERS[name](params, **hparams)
+
+
+def fast_first(cases, keep=1):
+    """Parametrize cases where the first `keep` run in the fast tier (`-m "not slow"`) and the
+    rest only in the full suite; a tuple case is several arguments."""
+    def param(case, i):
+        args = case if isinstance(case, tuple) else (case,)
+        return pytest.param(*args, marks=() if i < keep else pytest.mark.slow)
+    return [param(case, i) for i, case in enumerate(cases)]
