@@ -266,7 +266,8 @@ def main(argv=None):
                       f"{c['seq_over_floor']:.2f}", flush=True)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, f"{name}-{v}.json"), "w") as f:
+                stem = os.path.basename(name.rstrip("/"))        # a config folder: its name
+                with open(os.path.join(args.out, f"{stem}-{v}.json"), "w") as f:
                     json.dump(r, f, indent=2)
     return results
 

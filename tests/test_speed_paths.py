@@ -8,16 +8,22 @@ bitwise the same here, and the assertions allow float32 rounding of f (rtol 1e-6
 
     python -m pytest tests/test_speed_paths.py -q
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from transformers import OPTConfig
 
 import optimizers
 import peft
 import rge
 import variants
 from tiny import DATA, FAMILIES, needs_shared, real_tokenizer, tiny_model
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 SCHEMES = ("ft", "lora", "prefix", "prompt")
 
@@ -227,3 +233,26 @@ def test_task_pair_loss_gives_the_sequential_estimate(family, task):
     seq = rge.estimate(closure, params, seeds=[3], mu=1e-2)
     pair = rge.estimate(closure, params, seeds=[3], mu=1e-2, pair=True)
     assert_same_estimate(seq, pair, 1e-2)
+
+
+@pytest.mark.slow
+def test_bench_speed_runs_every_variant_on_a_config_folder(tmp_path):
+    """bench_speed.py end to end on a tiny OPT config folder: one JSON per variant, in --out,
+    with every timed quantity measured (no time is asserted: a benchmark, not a timed test)."""
+    config = tmp_path / "tiny-opt"
+    OPTConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+              num_attention_heads=4, max_position_embeddings=128,
+              word_embed_proj_dim=32).save_pretrained(config)
+    out = tmp_path / "speed"
+    done = subprocess.run([sys.executable, "bench_speed.py", "--model", str(config), "--variants",
+                           "full,lora,block", "--batch_size", "2", "--seq_len", "8", "--reps", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["tiny-opt-block.json", "tiny-opt-full.json",
+                                       "tiny-opt-lora.json"]
+    for name in os.listdir(out):
+        record = json.loads((out / name).read_text())
+        timed = record["cpu"]["median"]
+        assert {"T_f", "T_u", "zo_pair", "zo_seq", "mezo"} <= set(timed)
+        assert all(timed[k] > 0 for k in ("T_f", "zo_pair", "zo_seq", "mezo"))
