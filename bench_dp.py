@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import tempfile
 import torch
 from transformers import OPTConfig
 
+import checkpoint
 import models
 import train
 
@@ -80,12 +80,6 @@ def launch(ranks, args):
         return [json.loads(line)["time_s"] for line in f]
 
 
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else platform.processor()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/dp", help="folder for dp_scaling.json/.txt")
@@ -114,8 +108,8 @@ def main():
         one = next(r for r in rows if (r["repeat"], r["scheme"], r["ranks"]) ==
                    (row["repeat"], row["scheme"], 1))
         row["speedup"] = row["tokens_per_s"] / one["tokens_per_s"]
-    hardware = dict(cpu=cpu_name(), cores=os.cpu_count(), threads_per_rank=1,
-                    load_average_1min=load, torch=torch.__version__,
+    hardware = dict(cpu=checkpoint.fingerprint("cpu")["device_name"], cores=os.cpu_count(),
+                    threads_per_rank=1, load_average_1min=load, torch=torch.__version__,
                     note="cores shared with other users' processes while measuring: the load "
                          "average (before, after) says how busy; the ratio is indicative only")
     model_info = dict(family="opt", width=WIDTH, layers=LAYERS, vocab=50272, task="sst2",

@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import sys
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ import matplotlib
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import memory
 import models
 import optimizers
@@ -82,12 +82,9 @@ TERMS = ("weights", "state", "dynamic", "peak")
 
 
 def hardware(device) -> str:
-    """The machine a measurement ran on, for the record."""
-    name = torch.cuda.get_device_name(device) if memory.is_cuda(device) else platform.processor()
-    if os.path.exists("/proc/cpuinfo") and not memory.is_cuda(device):
-        name = next((l.split(":")[1].strip() for l in open("/proc/cpuinfo")
-                     if l.startswith("model name")), name)
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """The machine a measurement ran on, for the record (checkpoint.fingerprint's names)."""
+    record = checkpoint.fingerprint(device)
+    return f"{record['device_name']}, {torch.get_num_threads()} threads, torch {record['torch']}"
 
 
 def trainable(model, method):

@@ -50,6 +50,7 @@ import time
 
 import torch
 
+import checkpoint
 import models
 import optimizers
 import peft
@@ -213,14 +214,10 @@ def rge_seed(opt, state):
 
 
 def hardware() -> dict:
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(), load_average=load)
+    return dict(cpu=checkpoint.fingerprint("cpu")["device_name"], cores=os.cpu_count(),
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), load_average=load)
 
 
 def main(argv=None):

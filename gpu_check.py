@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models as tk_models, pre_tokenizers, trainers
 from transformers import OPTConfig, PreTrainedTokenizerFast
 
+import checkpoint
 import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,13 +43,9 @@ WORDS = [f"w{i}" for i in range(300)]
 
 def hardware(device) -> dict:
     """What the numbers were measured on; u itself depends on the GPU's SM count (README)."""
-    info = dict(torch=torch.__version__, python=platform.python_version(), device=device)
+    info = checkpoint.fingerprint(device) | dict(python=platform.python_version(), device=device)
     if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, sm_count=p.multi_processor_count, cuda=torch.version.cuda,
-                    memory_gib=round(p.total_memory / 2**30, 1))
-    else:
-        info.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
 
 
