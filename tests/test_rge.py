@@ -25,6 +25,21 @@ def test_direction_depends_on_seed_and_index_only():
     assert not torch.equal(a, rge.direction(p, 4, 1))
 
 
+def test_every_bit_of_the_seed_and_stream_reaches_the_cpu_generator():
+    """torch's CPU generator (mt19937) keeps only the low 32 bits of its seed. Seeds 2^12 apart
+    (and 2^32 apart) must still give uncorrelated u, and u, its mask and its stochastic rounding
+    must be three streams: the first raw draws of each differ. n = 4096: the bound is 5/√n."""
+    p = torch.empty(4096)
+    corr = lambda x, y: float(torch.corrcoef(torch.stack([x, y]))[0, 1])   # noqa: E731
+    for seed in (3, 2**30 + 7):
+        u = rge.direction(p, seed, 5)
+        for other in (seed + 2**12, seed + 2**32, seed ^ (1 << 39)):
+            assert abs(corr(u, rge.direction(p, other, 5))) < 5 / 4096 ** 0.5, other
+    first = {s: torch.randint(2**31, (8,), generator=rge.generator("cpu", s, 11, 2)).tolist()
+             for s in (rge.U, rge.MASK, rge.ROUNDING)}
+    assert len({tuple(v) for v in first.values()}) == 3
+
+
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_functional_perturbation_equals_explicit_weights(family):
     """f seen inside `perturbed` equals f of a copy whose weights were really set to θ + μu."""
