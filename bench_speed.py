@@ -27,17 +27,13 @@ time spent waiting for a core is not counted):
   T_f         one forward of the step's loss (no_grad): the transformer on all B×T tokens, the LM
               head on the last position only, log-softmax in fp32 (train.py's work)
   T_f_full    one forward with full-vocabulary logits (the MeZO-style loss)
-  T_u         rge.direction over every trainable tensor, each u a fresh tensor (as torch.randn)
-  T_u_reuse   the same draws into reused buffers (rge.Scratch), as this project's step draws
+  T_u         rge.direction over every trainable tensor
   T_add       θ + μu over every trainable tensor, into a new buffer (the cost of one perturbed
               copy; the floor counts none, this step makes three: θ + μu, θ − μu, the update)
-  T_add_reuse the same into reused buffers, as this project's step makes its copies
   zo_pair     this project's ZO-SGD step, paired forward (the default)
   zo_seq      the same step with pair=False: two forwards, u drawn three times
   mezo        the MeZO-style step
-and the ratios mezo / zo_pair (speed-up, target ≥ 1.6) and zo_pair / floor (target ≤ 1.1), and
-zo_pair / strict floor, the floor with T_u_reuse: on CPU a draw into a fresh buffer also pays
-for mapping its memory in (see Scratch in rge.py), which a step that reuses buffers avoids. The
+and the ratios mezo / zo_pair (speed-up, target ≥ 1.6) and zo_pair / floor (target ≤ 1.1). The
 variants: full fine-tuning; block-wise ZO (§5, Tab. 6: p blocks, one estimate each, floor
 2p·T_f + 2·T_u; the MeZO-style reference perturbs block by block); LoRA (§4, r 8 on q and v).
 Weights are random (models.CONFIGS shapes, fp32), token ids random: speed does not depend on them.
@@ -61,8 +57,7 @@ import peft
 import rge
 import variants
 
-MEASURES = ("T_f", "T_f_full", "T_u", "T_u_reuse", "T_add", "T_add_reuse", "zo_pair", "zo_seq",
-            "mezo")
+MEASURES = ("T_f", "T_f_full", "T_u", "T_add", "zo_pair", "zo_seq", "mezo")
 
 
 # ---- the two losses ------------------------------------------------------------------------------
@@ -141,22 +136,11 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
     noise = [torch.randn_like(p) for p in params]   # a second copy of the weights, for T_add
     for opt in steppers.values():                  # learn the tied tensor; warm the allocator
         opt.step(loss)
-    scratch = rge.Scratch()
-
-    @torch.no_grad()
-    def reused(make):
-        """make(p, u, i) for every tensor i, each making a buffer of `scratch`, given back."""
-        for i, (p, u) in enumerate(zip(params, noise)):
-            scratch.give(make(p, u, i))
-
     runs = {
         "T_f": lambda: torch.no_grad()(loss)(),
         "T_f_full": lambda: torch.no_grad()(full)(),
         "T_u": lambda: [rge.direction(p, seed, i) for i, p in enumerate(params)],
-        "T_u_reuse": lambda: reused(lambda p, u, i: rge.direction(p, seed, i, None, scratch)),
         "T_add": lambda: [torch.add(p, u, alpha=mu) for p, u in zip(params, noise)],
-        "T_add_reuse": lambda: reused(lambda p, u, i: torch.add(p, u, alpha=mu,
-                                                                out=scratch.take(p))),
         "zo_pair": lambda: steppers[True].step(loss),
         "zo_seq": lambda: steppers[False].step(loss),
         "mezo": lambda: mezo_step(full, blocks, seed, mu, lr),
@@ -176,11 +160,9 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
     for clock in ("wall", "cpu"):
         med = {k: statistics.median(v) for k, v in times[clock].items()}
         floor = 2 * len(blocks) * med["T_f"] + 2 * med["T_u"]
-        strict = 2 * len(blocks) * med["T_f"] + 2 * med["T_u_reuse"]
-        result[clock] = dict(median=med, floor=floor, strict_floor=strict,
+        result[clock] = dict(median=med, floor=floor,
                              speedup_vs_mezo=med["mezo"] / med["zo_pair"],
                              pair_over_floor=med["zo_pair"] / floor,
-                             pair_over_strict_floor=med["zo_pair"] / strict,
                              seq_over_floor=med["zo_seq"] / floor,
                              mezo_over_floor=med["mezo"] / floor)
     return result
@@ -277,8 +259,7 @@ def main(argv=None):
                 c = r[clock]
                 print(f"{name} {v} ({clock}): zo_pair {c['median']['zo_pair']:.2f}s, mezo "
                       f"{c['median']['mezo']:.2f}s → {c['speedup_vs_mezo']:.2f}× faster; zo_pair"
-                      f" / floor {c['pair_over_floor']:.2f} (strict "
-                      f"{c['pair_over_strict_floor']:.2f}), zo_seq / floor "
+                      f" / floor {c['pair_over_floor']:.2f}, zo_seq / floor "
                       f"{c['seq_over_floor']:.2f}", flush=True)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)

@@ -109,7 +109,6 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         self.projected_grad = None    # mean (f+ − f−)/(2μ) of the last step, for the log
         self.moved_fraction = None    # share of sampled entries the last step changed
         self.tied = set()             # ids of tensors read more than once per forward (learned)
-        self.scratch = rge.Scratch()  # the step's copies reuse buffers; emptied after each step
 
     def next_seed(self) -> int:
         return int(torch.randint(2**40, (1,), generator=self.seed_stream))
@@ -132,24 +131,17 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         # second reader; sequential stays at one module's copies at a time (Tab. 5's max_l |x_l|)
         tied = {i for i, p in enumerate(params) if id(p) in self.tied} if pair else set()
         est = rge.estimate(closure, params, seeds=seeds, mu=group["mu"], mask=mask, pair=pair,
-                           tied=tied, allow_unreached=group["allow_unreached"],
-                           scratch=self.scratch)
+                           tied=tied, allow_unreached=group["allow_unreached"])
         self.tied |= {id(params[i]) for i in est.tied}   # from the next forward on: drawn once
         return est
 
     @torch.no_grad()
     def step(self, closure) -> float:
-        try:
-            return self._step(closure)
-        finally:
-            self.scratch.clear()            # nothing tensor-sized is held between steps
-
-    def _step(self, closure) -> float:
         losses, projected, self.forward_passes = [], [], 0
         moved = [0, 0]                                  # sampled entries: changed, all
         for group in self.param_groups:                     # one group per block when block-wise
             est = self.estimate(closure, group["params"], group)
-            for i, (p, g, scale) in enumerate(rge.gradients(est, group["params"], self.scratch)):
+            for i, (p, g, scale) in enumerate(rge.gradients(est, group["params"])):
                 if group["weight_decay"] and p.dim() >= 2:      # decay matrices, not norms/biases
                     wide = torch.promote_types(p.dtype, torch.float32)
                     g = g.to(wide).mul_(scale).add_(p, alpha=group["weight_decay"])
@@ -172,9 +164,7 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         before = p.detach().reshape(-1)[::stride][:SAMPLE].clone()
         if p.dtype in (torch.float16, torch.bfloat16) and group["rounding"] == "stochastic":
             gen = rge.generator(p.device, rge.ROUNDING, seed, i)
-            x = self.scratch.take(p, torch.float32).copy_(p).add_(t, alpha=a)
-            round_stochastically_(p, x, gen)
-            self.scratch.give(x)
+            round_stochastically_(p, p.float().add_(t, alpha=a), gen)
         else:
             p.add_(t, alpha=a)
         moved[0] += (p.detach().reshape(-1)[::stride][:SAMPLE] != before).sum()
@@ -263,7 +253,7 @@ class ZOSGDCons(ZOSGD):
         q = len(est.seeds)
         for h in (1, -1):                                                # 3) f(θ − hηĝ)
             scales = [-h * group["lr"] * d / q for d in est.projected_grads]
-            with rge.perturbed(params, est.seeds, scales, est.mask, scratch=self.scratch):
+            with rge.perturbed(params, est.seeds, scales, est.mask):
                 f[h] = float(closure())
         self.choice = min(f, key=f.get)                 # the first minimum: ties keep θ
         est.loss, est.forward_passes = f[0], est.forward_passes + 3

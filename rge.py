@@ -44,7 +44,7 @@ Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate
 """
 import inspect
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -100,65 +100,19 @@ def generator(device, stream: int, seed: int, i: int) -> torch.Generator:
     return _GENERATORS[device].manual_seed(_mix(stream << 60 | seed << SEED_BITS | i))
 
 
-class Scratch:
-    """Tensor-sized buffers that a step's copies reuse: u, θ + μu, θ − μu and the update's u.
-
-    Why: a step makes three such copies of every trainable tensor, one tensor (or module) at a
-    time. On CPU a fresh buffer of a large tensor is mapped from the kernel and page-faulted in
-    entry by entry, which costs more than filling it: on a 2-core EPYC a Gaussian draw into a
-    fresh 38.6M-entry buffer (OPT-125M's embedding) takes 2.5× one into a reused buffer, and
-    θ + μu 5× (docs/speed.md). CUDA's caching allocator already reuses freed blocks; there the
-    pool saves allocator calls and keeps, within a step, at most a few idle buffers per size.
-
-    `take` hands out a free buffer of the same number of entries, dtype and device (viewed to
-    the shape: d×4d and 4d×d share one), or a new one; `give` takes it back. An optimizer holds
-    one and clears it at the end of every step, so nothing is held between steps. NO_REUSE, the
-    default everywhere, allocates every buffer afresh and takes nothing back.
-    """
-
-    def __init__(self, reuse: bool = True):
-        self.reuse = reuse
-        self.free = defaultdict(list)       # (numel, dtype, device) → buffers not in use
-        self.made = 0                       # buffers allocated so far (taken new, not reused)
-
-    def take(self, like: torch.Tensor, dtype=None) -> torch.Tensor:
-        """An uninitialised buffer shaped like `like` (in `dtype`, default like's)."""
-        dtype = dtype or like.dtype
-        stack = self.free[(like.numel(), dtype, like.device)]
-        if stack:
-            return stack.pop().view(like.shape)
-        self.made += self.reuse
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-
-    def give(self, *buffers: torch.Tensor):
-        """Take back buffers from `take` (or fresh tensors no one else holds) for reuse."""
-        for b in buffers if self.reuse else ():
-            self.free[(b.numel(), b.dtype, b.device)].append(b)
-
-    def clear(self):
-        self.free.clear()
-
-
-NO_REUSE = Scratch(reuse=False)
-
-
-def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None,
-              scratch: Scratch = NO_REUSE) -> torch.Tensor:
+def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> torch.Tensor:
     """u for tensor i: N(0, I) shaped like p, from a generator seeded by (seed, i) alone.
 
     The only source of u in the project. A fresh generator per tensor (never the global RNG) makes u
     independent of the order tensors are visited in, and of anything else that draws random numbers.
     With a mask, each entry is zeroed where a uniform draw from (mask.seed, i) falls below s_i:
     exactly Bernoulli(s_i). (The released code thresholds a normal draw and zeroes a share Φ(s_i).)
-    u is drawn into a buffer from `scratch` (torch.randn is `empty(...).normal_()`: the same
-    numbers whether the buffer is fresh or reused).
     """
-    u = scratch.take(p).normal_(generator=generator(p.device, U, seed, i))
+    u = torch.randn(p.shape, generator=generator(p.device, U, seed, i), device=p.device,
+                    dtype=p.dtype)
     if mask is not None and mask.ratios[i] > 0:
         gen = generator(p.device, MASK, mask.seed, i)
-        r = scratch.take(p, torch.float32).uniform_(generator=gen)      # torch.rand's numbers
-        u.masked_fill_(r < mask.ratios[i], 0)
-        scratch.give(r)
+        u.masked_fill_(torch.rand(p.shape, generator=gen, device=p.device) < mask.ratios[i], 0)
     return u
 
 
@@ -225,20 +179,8 @@ def _join(first, second, n):
     raise PairError(f"rge: the paired forward joins tensor outputs, not {type(first).__name__}")
 
 
-def _storages(output) -> set[int]:
-    """The storage addresses of the tensors in a module's output (tensors, tuples, lists, dicts)."""
-    if isinstance(output, torch.Tensor):
-        return {output.untyped_storage().data_ptr()}
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return set().union(*map(_storages, output))
-    return set()
-
-
 @contextmanager
-def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False,
-            scratch: Scratch = NO_REUSE):
+def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     """Within the block, every module sees `replace(θ_i, i)` instead of its trainable tensor θ_i.
 
     A global forward pre-hook looks at each module about to run; for each of its own parameters
@@ -259,13 +201,6 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False,
     owner's rows must be independent (true of linear, embedding, norm and adapter modules); a
     module with hooks of its own (which its second half would bypass) is refused (PairError).
 
-    scratch: where `replace` takes its buffers (a Scratch that reuses them); they go back to it
-    when their module returns (a kept one when the block ends), except one that the module's
-    output is a view of (peft's
-    Prompt returns its embedding expanded). Nothing made in the block may hold a view of a
-    replacement past its module otherwise: true of every torch layer and of the paired forward,
-    whose owners' outputs are concatenated copies.
-
     Yields a Counter: how many module calls read each tensor index (a paired call counts once).
     """
     index = {id(p): i for i, p in enumerate(params)}
@@ -281,17 +216,9 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False,
                 values[i] = v
         return v if half[0] is None else v[half[0]]
 
-    def recycle(made, output=None):
-        """Give a replacement (a tensor or a pair) back to `scratch`, unless `output` views it."""
-        if scratch.reuse:
-            views = _storages(output)
-            for b in made if isinstance(made, tuple) else (made,):
-                if b.untyped_storage().data_ptr() not in views:
-                    scratch.give(b)
-
-    def release(output):
+    def release():
         for i in [i for i in values if i not in keep]:
-            recycle(values.pop(i), output)
+            del values[i]
 
     def swap_in(module, args):
         slots = [(n, p) for n, p in module._parameters.items() if id(p) in index]
@@ -327,11 +254,9 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False,
             half[0] = None
         frames.pop()
         for name, p in slots:
-            if index[id(p)] not in values:            # made for this call alone
-                recycle(module._parameters[name], output)
             module._parameters[name] = p
         if not frames:
-            release(output)
+            release()
         return output if rest is not None else None
 
     handles = [register_module_forward_pre_hook(swap_in),
@@ -344,46 +269,41 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False,
         for module, slots, _, _ in reversed(frames):   # a forward that raised
             for name, p in slots:
                 module._parameters[name] = p
-        for made in values.values():                   # the kept ones
-            recycle(made)
         values.clear()
 
 
 def perturbed(params: list[torch.Tensor], seed: int | list[int], scale: float | list[float],
-              mask: Mask | None = None, keep=(), scratch: Scratch = NO_REUSE):
+              mask: Mask | None = None, keep=()):
     """Within the block, every module sees θ_i + Σ_j scale_j·u_i(seed_j) instead of θ_i: one
     direction (the estimate's θ ± μu) or several (ZO-SGD-Cons's candidates θ ∓ ηĝ), each masked
-    by `mask` when the directions are sparse. `keep`, `scratch`: as in `swapped`.
+    by `mask` when the directions are sparse. `keep`: as in `swapped`.
     """
     seeds, scales = (seed, scale) if isinstance(seed, list) else ([seed], [scale])
 
     def replace(p, i):
-        u = direction(p, seeds[0], i, mask, scratch)
+        u = direction(p, seeds[0], i, mask)
         out = torch.add(p, u, alpha=scales[0], out=u)                 # one rounding for one u
         for s, a in zip(seeds[1:], scales[1:]):
-            v = direction(p, s, i, mask, scratch)
-            out.add_(v, alpha=a)
-            scratch.give(v)
+            out.add_(direction(p, s, i, mask), alpha=a)
         return out
 
-    return swapped(params, replace, keep=keep, scratch=scratch)
+    return swapped(params, replace, keep=keep)
 
 
 def perturbed_pair(params: list[torch.Tensor], seed: int, mu: float, mask: Mask | None = None,
-                   keep=(), scratch: Scratch = NO_REUSE):
+                   keep=()):
     """Within the block, a batch of 2n rows is two forwards in one walk: rows :n see θ + μu and
     rows n: see θ − μu, with u drawn once per tensor (`swapped` with halves). The two copies are
     rounded once each, from the same u, exactly as `perturbed` rounds them: the weights the two
     halves see are bitwise those of two sequential forwards. Cost: one tensor-sized buffer more
     than `perturbed` while the owning module runs (θ + μu beside θ − μu, which reuses u's buffer).
-    `keep`, `scratch`: as in `swapped`.
     """
     def replace(p, i):
-        u = direction(p, seed, i, mask, scratch)
-        plus = torch.add(p, u, alpha=mu, out=scratch.take(p))
+        u = direction(p, seed, i, mask)
+        plus = torch.add(p, u, alpha=mu)
         return plus, torch.add(p, u, alpha=-mu, out=u)
 
-    return swapped(params, replace, keep=keep, halves=True, scratch=scratch)
+    return swapped(params, replace, keep=keep, halves=True)
 
 
 # ---- the estimate -------------------------------------------------------------------------------
@@ -415,7 +335,7 @@ def supports_pair(loss_fn) -> bool:
 @torch.no_grad()
 def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float,
              mask: Mask | None = None, pair: bool = False, tied=(),
-             allow_unreached: bool = False, scratch: Scratch = NO_REUSE) -> Estimate:
+             allow_unreached: bool = False) -> Estimate:
     """Two-sided RGE (§3, eq. (1)) with q = len(seeds) queries, 2q forward passes.
 
     Sequential (pair=False): `loss_fn()` returns the scalar loss of the current model, called
@@ -425,21 +345,20 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
     the two forwards of the batch are one walk over a doubled batch (its activations double).
     θ is never written. With a mask, every u_j is masked by it. `tied`: indices of tensors read
     more than once per forward (Estimate.tied of an earlier estimate), perturbed once per forward.
-    `scratch`: where the perturbed copies are made (see Scratch).
     """
     q = len(seeds)
     losses, projected = [], []
     for j, seed in enumerate(seeds):
         if pair:
-            with perturbed_pair(params, seed, mu, mask, tied, scratch) as reads:
+            with perturbed_pair(params, seed, mu, mask, tied) as reads:
                 f_plus, f_minus = loss_fn(pair=True).tolist()       # f(θ ± μu_j), one host sync
         else:
-            with perturbed(params, seed, +mu, mask, tied, scratch) as reads:
+            with perturbed(params, seed, +mu, mask, tied) as reads:
                 f_plus = float(loss_fn())                             # f(θ + μu_j)
         if j == 0:
             check_reached(params, reads, allow_unreached)
         if not pair:
-            with perturbed(params, seed, -mu, mask, tied, scratch):
+            with perturbed(params, seed, -mu, mask, tied):
                 f_minus = float(loss_fn())                            # f(θ − μu_j)
         d = (f_plus - f_minus) / (2 * mu)                             # eq. (1): d_j
         if not math.isfinite(f_plus + f_minus + d):       # stop before a NaN reaches the weights
@@ -450,30 +369,22 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
                     tied={i for i, n in reads.items() if n > 1})
 
 
-def gradients(est: Estimate, params: list[torch.Tensor], scratch: Scratch = NO_REUSE):
+def gradients(est: Estimate, params: list[torch.Tensor]):
     """Yield (p, g, scale) one tensor at a time, ĝ_p = scale · g, redrawing u_j from the seeds.
 
     q = 1: g = u and scale = d (the update folds d into its step size: no pass over u to scale
     it, and no d·u formed in the weight dtype, where fp16 overflows once |d| ≳ 1e4).
     q > 1: g = (1/q) Σ_j d_j u_j, summed in fp32 (at least), and scale 1.
-    One tensor-sized buffer is alive at a time (q > 1: two, g and the u added to it). With a
-    reusing `scratch`, g is one of its buffers: valid until the next tensor is asked for.
+    Only one tensor-sized buffer is alive at a time.
     """
-    q, d = len(est.seeds), est.projected_grads
+    q = len(est.seeds)
     for i, p in enumerate(params):
-        u = direction(p, est.seeds[0], i, est.mask, scratch)
         if q == 1:
-            yield p, u, d[0]
-            scratch.give(u)
+            yield p, direction(p, est.seeds[0], i, est.mask), est.projected_grads[0]
             continue
+        d = est.projected_grads
         wide = torch.promote_types(p.dtype, torch.float32)      # fp32, or fp64 for fp64 weights
-        g = u if u.dtype == wide else scratch.take(p, wide).copy_(u)
-        if g is not u:
-            scratch.give(u)
-        g.mul_(d[0] / q)
+        g = direction(p, est.seeds[0], i, est.mask).to(wide).mul_(d[0] / q)
         for seed, d_j in zip(est.seeds[1:], d[1:]):
-            u = direction(p, seed, i, est.mask, scratch)
-            g.add_(u, alpha=d_j / q)
-            scratch.give(u)
+            g.add_(direction(p, seed, i, est.mask), alpha=d_j / q)
         yield p, g, 1.0
-        scratch.give(g)

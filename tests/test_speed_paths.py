@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTConfig
 
 import optimizers
 import peft
@@ -214,96 +214,6 @@ def test_zero_lr_leaves_weights_bitwise_unchanged_with_the_pair(name, dtype):
         opt.step(loss)
     assert opt.projected_grad != 0.0
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-
-
-# ---- reused buffers: rge.Scratch ------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_a_draw_into_a_reused_buffer_is_torch_randn(dtype):
-    """u (and a sparse mask) drawn into dirty reused buffers: bitwise the fresh draw."""
-    p = torch.empty(33, 65, dtype=dtype)
-    mask = rge.Mask(seed=4, ratios=[0.3])
-    for m in (None, mask):
-        scratch = rge.Scratch()
-        scratch.give(torch.full((65, 33), float("nan"), dtype=dtype))   # same entries, dirty
-        scratch.give(torch.full((33 * 65,), float("nan")))              # for the mask's draw
-        assert torch.equal(rge.direction(p, 7, 0, m, scratch), rge.direction(p, 7, 0, m))
-        assert scratch.made == 0                   # every buffer came from the pool
-
-
-@pytest.mark.parametrize("family, scheme, pair", [
-    ("opt", "ft", True), ("opt", "ft", False), ("llama", "lora", True), ("roberta", "ft", True),
-    ("opt", "prompt", False), ("llama", "prefix", False), ("mistral", "prefix", True)])
-def test_steps_with_reused_buffers_equal_steps_with_fresh_ones(family, scheme, pair):
-    """Two ZO-SGD steps (q = 2, a sparse mask) and two ZO-Adam steps in fp16 (stochastic
-    rounding, weight decay): bitwise the same weights whether the step's copies reuse buffers
-    or are allocated afresh."""
-    runs = []
-    for reuse in (True, False):
-        model, params, loss = tiny(family, scheme)
-        opt = variants.build("zo_sgd", model, params, dict(lr=1e-2, q=2, pair=pair),
-                             sparsity=0.2)
-        opt.scratch = rge.Scratch(reuse)
-        half, _, half_loss = tiny(family, scheme, dtype=torch.float16)
-        adam = optimizers.ZOAdam([p for p in half.parameters() if p.requires_grad], lr=1e-2,
-                                 weight_decay=0.1, pair=pair)
-        adam.scratch = rge.Scratch(reuse)
-        for _ in range(2):
-            opt.step(loss)
-            adam.step(half_loss)
-        runs.append([p.detach().clone() for p in [*model.parameters(), *half.parameters()]])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-
-
-@pytest.mark.parametrize("pair", [True, False])
-def test_the_buffers_a_step_allocates_do_not_grow_with_depth(pair):
-    """A step reuses buffers across layers: OPT with 2 or 6 layers allocates the same number
-    (the copies of one module at a time, and the tied embedding's), fewer than one per tensor;
-    a fresh-buffer step allocates 3 per tensor."""
-    made = []
-    for layers in (2, 6):
-        torch.manual_seed(0)
-        model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers,
-                                         ffn_dim=32, num_attention_heads=2,
-                                         max_position_embeddings=32, word_embed_proj_dim=16))
-        params = list(model.parameters())
-        ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
-        opt = optimizers.ZOSGD(params, lr=1e-3, pair=pair)
-        opt.step(head_loss(model, ids))                 # learns the tied embedding
-        opt.scratch.made = 0
-        opt.step(head_loss(model, ids))
-        made.append(opt.scratch.made)
-        assert made[-1] < len(params)
-    assert made[0] == made[1]
-
-
-class Viewer(torch.nn.Module):
-    """Returns a view of its weight (as peft's Prompt does): its buffer must not be reused while
-    the view is alive."""
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(6))
-
-    def forward(self, x):
-        return self.w.expand(len(x), 6)
-
-
-def test_a_buffer_the_module_output_views_is_not_reused():
-    """Viewer's output is read after Scale ran; Scale's weight has Viewer's size, so a reused
-    buffer would overwrite the view: the estimate must equal the fresh-buffer one."""
-    torch.manual_seed(0)
-    viewer, scale = Viewer(), Viewer()                  # scale.w: the same size as viewer.w
-    x = torch.randn(4, 6)
-
-    def loss():
-        v = viewer(x)
-        return (v * scale(x) * x).sum() + v.sum()        # v read after scale's forward
-
-    params = [viewer.w, scale.w]
-    fresh = rge.estimate(loss, params, seeds=[3], mu=1e-2)
-    reused = rge.estimate(loss, params, seeds=[3], mu=1e-2, scratch=rge.Scratch())
-    assert reused.projected_grads == fresh.projected_grads
-    assert fresh.projected_grads[0] != 0
 
 
 # ---- the task loss: tasks.pair_loss --------------------------------------------------------------

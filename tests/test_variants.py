@@ -210,9 +210,9 @@ def test_sparse_steps_share_masks_redrawn_every_k():
     model, loss = tiny_lm()
     seeds, draw = [], rge.direction
 
-    def direction(p, seed, i, mask=None, *scratch):         # records the mask seed of each draw
+    def direction(p, seed, i, mask=None):                   # records the mask seed of each draw
         seeds[-1].add(mask.seed)
-        return draw(p, seed, i, mask, *scratch)
+        return draw(p, seed, i, mask)
 
     opt = variants.build("zo_sgd", model, model.parameters(), dict(lr=1e-2), sparsity=0.4,
                          mask_every=2)
