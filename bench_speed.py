@@ -21,9 +21,11 @@ full-vocabulary logits of every position, no hooks) draws u four times and adds 
 so the reference is, if anything, favoured.)
 
 Measured per model and variant, interleaved (each repetition runs every measurement once, in
-turn, so a slow change in the machine's load hits all of them alike), as medians of the wall
-time and of the process's CPU time (all threads; on a shared machine the steadier clock, since
-time spent waiting for a core is not counted):
+turn, so a slow change in the machine's load hits all of them alike), in wall time and in the
+process's CPU time (all threads; on a shared machine the steadier clock, since time spent
+waiting for a core is not counted, but it also counts OpenMP workers spinning between
+operations). Times are reported as medians; each ratio is formed within a repetition and its
+median over the repetitions reported, with every repetition's value in the JSON:
   T_f         one forward of the step's loss (no_grad): the transformer on all B×T tokens, the LM
               head on the last position only, log-softmax in fp32 (train.py's work)
   T_f_full    one forward with full-vocabulary logits (the MeZO-style loss)
@@ -158,13 +160,17 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
                   seq_len=seq_len, reps=reps, trainable=sum(p.numel() for p in params),
                   threads=torch.get_num_threads(), seconds=times)
     for clock in ("wall", "cpu"):
-        med = {k: statistics.median(v) for k, v in times[clock].items()}
-        floor = 2 * len(blocks) * med["T_f"] + 2 * med["T_u"]
-        result[clock] = dict(median=med, floor=floor,
-                             speedup_vs_mezo=med["mezo"] / med["zo_pair"],
-                             pair_over_floor=med["zo_pair"] / floor,
-                             seq_over_floor=med["zo_seq"] / floor,
-                             mezo_over_floor=med["mezo"] / floor)
+        t = times[clock]
+        floors = [2 * len(blocks) * f + 2 * u for f, u in zip(t["T_f"], t["T_u"])]
+        ratios = dict(speedup_vs_mezo=[m / z for m, z in zip(t["mezo"], t["zo_pair"])],
+                      pair_over_floor=[z / f for z, f in zip(t["zo_pair"], floors)],
+                      seq_over_floor=[z / f for z, f in zip(t["zo_seq"], floors)],
+                      mezo_over_floor=[m / f for m, f in zip(t["mezo"], floors)])
+        # each ratio within one repetition (seconds apart), then the median over repetitions:
+        # a drift of the machine's speed between repetitions cancels out
+        result[clock] = dict(median={k: statistics.median(v) for k, v in t.items()},
+                             floor=statistics.median(floors), per_rep=ratios,
+                             **{k: statistics.median(v) for k, v in ratios.items()})
     return result
 
 
@@ -252,15 +258,18 @@ def main(argv=None):
         return results
     for name in args.model.split(","):
         for v in args.variants.split(","):
+            before = hardware()["load_average"]
             r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
-                        reps=args.reps) | dict(hardware=hardware())
+                        reps=args.reps) | dict(hardware=hardware(), load_average_before=before)
             results.append(r)
             for clock in ("wall", "cpu"):
                 c = r[clock]
+                spread = c["per_rep"]["speedup_vs_mezo"]
                 print(f"{name} {v} ({clock}): zo_pair {c['median']['zo_pair']:.2f}s, mezo "
-                      f"{c['median']['mezo']:.2f}s → {c['speedup_vs_mezo']:.2f}× faster; zo_pair"
-                      f" / floor {c['pair_over_floor']:.2f}, zo_seq / floor "
-                      f"{c['seq_over_floor']:.2f}", flush=True)
+                      f"{c['median']['mezo']:.2f}s → {c['speedup_vs_mezo']:.2f}× faster "
+                      f"({min(spread):.2f}–{max(spread):.2f}); zo_pair / floor "
+                      f"{c['pair_over_floor']:.2f}, zo_seq / floor {c['seq_over_floor']:.2f}",
+                      flush=True)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 stem = os.path.basename(name.rstrip("/"))        # a config folder: its name
