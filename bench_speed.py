@@ -107,17 +107,21 @@ def mezo_step(loss, blocks, seed, mu, lr):
 
 # ---- one configuration -------------------------------------------------------------------------
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of fn(); on CUDA the wall time
+    runs until the GPU has finished."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def build(name, variant, seed):
+def build(name, variant, seed, dtype=torch.float32, device="cpu"):
     """The model of shape `name` with random weights, its trainable tensors and their blocks."""
     torch.manual_seed(seed)
-    model = models.from_config(models.config(name))
+    model = models.from_config(models.config(name), dtype, device)
     params = peft.apply(model, "lora" if variant == "lora" else "ft")
     if variant == "block":
         blocks = [ps for _, ps in variants.blocks(model, params)]
@@ -126,23 +130,32 @@ def build(name, variant, seed):
     return model, params, blocks
 
 
-def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=0) -> dict:
-    """Median seconds of every measurement over `reps` interleaved repetitions, and the ratios."""
-    model, params, blocks = build(name, variant, seed)
+def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=0,
+            dtype=torch.float32, device="cpu", rounding="stochastic") -> dict:
+    """Median seconds of every measurement over `reps` interleaved repetitions, and the ratios.
+    `rounding`: how this project's step writes 16-bit weights (fp32 weights: a plain add)."""
+    model, params, blocks = build(name, variant, seed, dtype, device)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len),
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed)).to(device)
     loss, full = task_loss(model, ids), full_logits_loss(model, ids)
-    hp = dict(lr=lr, mu=mu, seed=seed)
+    hp = dict(lr=lr, mu=mu, seed=seed, rounding=rounding)
     steppers = {pair: variants.build("zo_sgd", model, params, hp | dict(pair=pair),
                                      block=variant == "block") for pair in (True, False)}
     noise = [torch.randn_like(p) for p in params]   # a second copy of the weights, for T_add
     for opt in steppers.values():                  # learn the tied tensor; warm the allocator
         opt.step(loss)
+    @torch.no_grad()
+    def each(make):
+        """make(i, p, u) for every tensor, each result dropped before the next is made, as a
+        step drops each tensor's u (holding them all would fault in fresh memory every time)."""
+        for i, (p, u) in enumerate(zip(params, noise)):
+            make(i, p, u)
+
     runs = {
         "T_f": lambda: torch.no_grad()(loss)(),
         "T_f_full": lambda: torch.no_grad()(full)(),
-        "T_u": lambda: [rge.direction(p, seed, i) for i, p in enumerate(params)],
-        "T_add": lambda: [torch.add(p, u, alpha=mu) for p, u in zip(params, noise)],
+        "T_u": lambda: each(lambda i, p, u: rge.direction(p, seed, i)),
+        "T_add": lambda: each(lambda i, p, u: torch.add(p, u, alpha=mu)),
         "zo_pair": lambda: steppers[True].step(loss),
         "zo_seq": lambda: steppers[False].step(loss),
         "mezo": lambda: mezo_step(full, blocks, seed, mu, lr),
@@ -150,14 +163,14 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
     times = {clock: {k: [] for k in MEASURES} for clock in ("wall", "cpu")}
     for rep in range(reps):
         for k in MEASURES:
-            wall, cpu = timed(runs[k])
+            wall, cpu = timed(runs[k], device)
             times["wall"][k].append(wall)
             times["cpu"][k].append(cpu)
         print(f"  {name} {variant} rep {rep + 1}/{reps} (wall/cpu s): " + " ".join(
             f"{k} {times['wall'][k][-1]:.2f}/{times['cpu'][k][-1]:.2f}" for k in MEASURES),
             flush=True)
     result = dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
-                  seq_len=seq_len, reps=reps, trainable=sum(p.numel() for p in params),
+                  seq_len=seq_len, reps=reps, dtype=str(dtype), rounding=rounding, trainable=sum(p.numel() for p in params),
                   threads=torch.get_num_threads(), seconds=times)
     for clock in ("wall", "cpu"):
         t = times[clock]
@@ -219,11 +232,15 @@ def rge_seed(opt, state):
     return int(torch.randint(2**40, (1,), generator=g))
 
 
-def hardware() -> dict:
+def hardware(device="cpu") -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(cpu=checkpoint.fingerprint("cpu")["device_name"], cores=os.cpu_count(),
+    info = dict(cpu=checkpoint.fingerprint("cpu")["device_name"], cores=os.cpu_count(),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version(), load_average=load)
+    if torch.device(device).type == "cuda":
+        record = checkpoint.fingerprint(device)
+        info.update(gpu=record["device_name"], sm_count=record["sm_count"], cuda=record["cuda"])
+    return info
 
 
 def main(argv=None):
@@ -234,12 +251,19 @@ def main(argv=None):
     ap.add_argument("--seq_len", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(models.DTYPES),
+                    help="the weights' dtype (16-bit: the GPU setting of Tab. 4)")
+    ap.add_argument("--zo_rounding", default="stochastic", choices=optimizers.ROUNDINGS,
+                    help="how this project's step writes 16-bit weights")
     ap.add_argument("--out", default=None, help="directory for one JSON per model and variant")
     ap.add_argument("--rounding", action="store_true",
                     help="instead: the share of a 16-bit update kept, per rounding (bf16, fp16)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here; use --device cpu")
     for v in args.variants.split(","):
         if v not in ("full", "block", "lora"):
             ap.error(f"unknown variant {v!r}; choose from: full, block, lora")
@@ -260,7 +284,9 @@ def main(argv=None):
         for v in args.variants.split(","):
             before = hardware()["load_average"]
             r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
-                        reps=args.reps) | dict(hardware=hardware(), load_average_before=before)
+                        reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
+                        rounding=args.zo_rounding)
+            r |= dict(hardware=hardware(args.device), load_average_before=before)
             results.append(r)
             for clock in ("wall", "cpu"):
                 c = r[clock]

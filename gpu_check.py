@@ -1,10 +1,11 @@
-"""One-GPU check: memory, step time, the bitwise lr = 0 invariant and 16-bit updates, recorded.
+"""One-GPU check: memory, the bitwise lr = 0 invariant, 16-bit updates and speed, recorded.
 
-    python gpu_check.py                   # one NVIDIA GPU, ≤ 8 minutes, writes results/gpu/
+    python gpu_check.py                   # one NVIDIA GPU, writes results/gpu/ (each of its
+                                          # 8 sub-commands stops at --timeout seconds)
     python gpu_check.py --cpu --out DIR   # the same checks on tiny shapes, on the CPU (tested)
 
 Needs python and PyPI only: every model is built from its config with random weights (no hub),
-and the tokenizer is a word-level one trained here on the synthetic task's words. Three parts:
+and the tokenizer is a word-level one trained here on the synthetic task's words. Four parts:
 
 (a) bench_memory.py rows for the OPT-1.3B and OPT-13B shapes, ZO-SGD and FO-SGD, 16-bit, batch
     16 × 400 and 4 × 400: peak GiB beside Tab. 5, and step time (the paper's Tab. 4/A1 setting:
@@ -13,6 +14,9 @@ and the tokenizer is a word-level one trained here on the synthetic task's words
     saved weights must equal the input bit for bit (the functional perturbation writes nothing).
 (c) the same run at a real learning rate, with and without stochastic rounding of the 16-bit
     update: the share of weight entries an update actually moved (train.py logs it).
+(d) bench_speed.py on the OPT-1.3B and OPT-13B shapes, full fine-tuning, 16-bit, batch
+    16 × 64: this project's ZO-SGD step against its floor 2·T_f + 2·T_u and against a
+    MeZO-style step (docs/speed.md), wall time on the GPU.
 
 Every sub-command's output is kept in OUT/log.txt; OUT/summary.json has the numbers and the
 hardware (GPU name, SM count, torch and CUDA versions). A failed part is recorded, not fatal.
@@ -158,6 +162,29 @@ def main(argv=None):
                                 seq_len=seq, status=rc, seconds=round(seconds, 1),
                                 rows=[{k: r.get(k) for k in keep} for r in rows]))
     summary["parts"]["memory"] = memory_rows
+
+    # (d) speed: this project's ZO-SGD step beside its floor and a MeZO-style step (issue 14)
+    speed_rows = []
+    for model in (small, big):
+        stem = os.path.join(args.out, "speed")
+        shape = ["--batch_size", "2", "--seq_len", "8", "--reps", "1"] if args.cpu else \
+                ["--batch_size", "16", "--seq_len", "64", "--reps", "3"]
+        rc, seconds = run([sys.executable, "bench_speed.py", "--model", model, "--variants",
+                           "full", "--device", args.device, "--dtype", args.dtype, *shape,
+                           "--out", stem], args.log, args.timeout)
+        for path in glob.glob(os.path.join(stem, "*.json")):
+            with open(path) as f:
+                r = json.load(f)
+            os.remove(path)
+            keep = ("median", "floor", "speedup_vs_mezo", "pair_over_floor", "seq_over_floor")
+            speed_rows.append(dict(model=os.path.basename(model), status=rc,
+                                   seconds=round(seconds, 1), dtype=r["dtype"],
+                                   **{k: r["wall"][k] for k in keep}))
+        if rc:
+            speed_rows.append(dict(model=os.path.basename(model), status=rc))
+        if args.cpu:
+            break                                  # one tiny shape is enough to test the part
+    summary["parts"]["speed"] = speed_rows
 
     # (b) lr = 0 for 30 steps: the saved weights equal the input bit for bit
     try:

@@ -1,4 +1,4 @@
-"""gpu_check.py's CPU mode: the same three parts as on a GPU, on tiny shapes.
+"""gpu_check.py's CPU mode: the same four parts as on a GPU, on tiny shapes.
 
     python -m pytest tests/test_gpu_check.py -q
 """
@@ -29,4 +29,7 @@ def test_cpu_mode_records_memory_bitwise_lr0_and_rounding_shares(tmp_path):
     moved = summary["parts"]["moved"]
     # a step far below half a bf16 ulp: round-to-nearest drops more of it than stochastic rounding
     assert moved["stochastic"]["mean_moved_fraction"] > moved["nearest"]["mean_moved_fraction"]
+    speed = summary["parts"]["speed"]
+    assert len(speed) == 1 and speed[0]["status"] == 0
+    assert speed[0]["speedup_vs_mezo"] > 0 and speed[0]["pair_over_floor"] > 0
     assert (out / "log.txt").stat().st_size > 0
