@@ -170,8 +170,9 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
             f"{k} {times['wall'][k][-1]:.2f}/{times['cpu'][k][-1]:.2f}" for k in MEASURES),
             flush=True)
     result = dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
-                  seq_len=seq_len, reps=reps, dtype=str(dtype), rounding=rounding, trainable=sum(p.numel() for p in params),
-                  threads=torch.get_num_threads(), seconds=times)
+                  seq_len=seq_len, reps=reps, dtype=str(dtype), rounding=rounding,
+                  trainable=sum(p.numel() for p in params), threads=torch.get_num_threads(),
+                  seconds=times)
     for clock in ("wall", "cpu"):
         t = times[clock]
         floors = [2 * len(blocks) * f + 2 * u for f, u in zip(t["T_f"], t["T_u"])]
