@@ -36,9 +36,11 @@ import rge
 
 
 @torch.no_grad()
-def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int, *,
-                           allow_unreached=False) -> tuple[float, float]:
-    """f(θ) and ∇f(θ)ᵀu(seed), from one forward pass with dual tensors θ_i + ε u_i.
+def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int, *, tied=(),
+                           allow_unreached=False) -> tuple[float, float, set[int]]:
+    """f(θ), ∇f(θ)ᵀu(seed) and the indices read more than once, from one forward pass with dual
+    tensors θ_i + ε u_i. A tensor in `tied` (read by two modules: a tied embedding and LM head)
+    gets one dual tensor for the whole forward, so its u is drawn once (rge.swapped's keep).
 
     `loss_fn()` returns the scalar loss of the current model. A non-finite ∇fᵀu stops here, before
     any weight is written (in fp16 some tangent formulas overflow: torch's layer_norm JVP does at
@@ -51,7 +53,7 @@ def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int, *,
         return forward_ad.make_dual(p, rge.direction(p, seed, i))
 
     with forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
-        with rge.swapped(params, dual) as reads:
+        with rge.swapped(params, dual, keep=tied) as reads:
             value, tangent = forward_ad.unpack_dual(loss_fn())
         loss = float(value)
         slope = 0.0 if tangent is None else float(tangent)    # None: no tensor reached the loss
@@ -59,17 +61,19 @@ def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int, *,
     if not math.isfinite(slope):
         raise FloatingPointError(f"forward_grad: the directional derivative ∇fᵀu is {slope} "
                                  "(forward-mode AD overflowed; use fp32 or bf16 weights)")
-    return loss, slope
+    return loss, slope, {i for i, n in reads.items() if n > 1}
 
 
-def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int],
+def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], tied=(),
              allow_unreached=False) -> rge.Estimate:
-    """Forward gradient ĝ = (1/q) Σ_j (∇fᵀu_j) u_j (App. A), q = len(seeds): q dual forwards."""
+    """Forward gradient ĝ = (1/q) Σ_j (∇fᵀu_j) u_j (App. A), q = len(seeds): q dual forwards.
+    `tied`: indices read more than once per forward (Estimate.tied of an earlier estimate)."""
     q = len(seeds)
     losses, projected = [], []
     for seed in seeds:
-        loss, slope = directional_derivative(loss_fn, params, seed,
-                                             allow_unreached=allow_unreached)
+        loss, slope, read_twice = directional_derivative(loss_fn, params, seed, tied=tied,
+                                                         allow_unreached=allow_unreached)
         losses.append(loss)
         projected.append(slope)                                    # eq. (1): d_j = ∇fᵀu_j
-    return rge.Estimate(sum(losses) / q, list(seeds), projected, forward_passes=q)
+    return rge.Estimate(sum(losses) / q, list(seeds), projected, forward_passes=q,
+                        tied=read_twice)

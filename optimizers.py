@@ -306,8 +306,11 @@ class FwdGradSGD(ZOSGD):
 
     def estimate(self, closure, params, group):
         seeds = [self.next_seed() for _ in range(group["q"])]
-        return forward_grad.estimate(closure, params, seeds=seeds,
-                                     allow_unreached=group["allow_unreached"])
+        tied = {i for i, p in enumerate(params) if id(p) in self.tied}
+        est = forward_grad.estimate(closure, params, seeds=seeds, tied=tied,
+                                    allow_unreached=group["allow_unreached"])
+        self.tied |= {id(params[i]) for i in est.tied}   # from the next forward on: drawn once
+        return est
 
 
 # ---- first order (back-prop) baselines ----------------------------------------------------------

@@ -36,9 +36,28 @@ def test_directional_derivative_matches_autograd(family, attention):
     model = tiny_model(family, vocab_size=64)
     model.set_attn_implementation(attention)            # SDPA runs on its math backend here
     params = list(model.parameters())                   # OPT's tied embedding counted once
-    loss, slope = forward_grad.directional_derivative(lm_loss(model), params, seed=5)
+    loss, slope, _ = forward_grad.directional_derivative(lm_loss(model), params, seed=5)
     assert loss == pytest.approx(float(lm_loss(model)().detach()), rel=1e-6)
     assert slope == pytest.approx(autograd_slopes(model, [5])[0], rel=1e-5, abs=1e-6)
+
+
+def test_a_tied_tensor_gets_one_dual_per_forward(monkeypatch):
+    """OPT's embedding is also its head. The first step learns it (drawn per reader); from then
+    on u is drawn once per forward, and ∇fᵀu is the same as with one dual per reader."""
+    model = tiny_model("opt", vocab_size=64)
+    params = list(model.parameters())
+    per_reader = forward_grad.estimate(lm_loss(model), params, seeds=[5])
+    assert per_reader.tied == {0}
+    calls, draw = [], rge.direction
+    monkeypatch.setattr(rge, "direction", lambda p, s, i, *m: calls.append(i) or draw(p, s, i, *m))
+    once = forward_grad.estimate(lm_loss(model), params, seeds=[5], tied={0})
+    assert sorted(calls) == list(range(len(params)))                  # each tensor once
+    assert once.projected_grads[0] == pytest.approx(per_reader.projected_grads[0], rel=1e-6)
+    opt = make_optimizer("forward_grad", params, lr=0.0)
+    opt.step(lm_loss(model))
+    calls.clear()
+    opt.step(lm_loss(model))
+    assert sorted(calls) == sorted(list(range(len(params))) * 2)      # + 1 each: the update
 
 
 def test_forward_grad_step_matches_formula():
