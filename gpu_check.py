@@ -163,7 +163,7 @@ def main(argv=None):
                                 rows=[{k: r.get(k) for k in keep} for r in rows]))
     summary["parts"]["memory"] = memory_rows
 
-    # (d) speed: this project's ZO-SGD step beside its floor and a MeZO-style step (issue 14)
+    # (d) speed: this project's ZO-SGD step beside its floor and a MeZO-style step
     speed_rows = []
     for model in (small, big):
         stem = os.path.join(args.out, "speed")
