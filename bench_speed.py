@@ -233,11 +233,14 @@ def rge_seed(opt, state):
     return int(torch.randint(2**40, (1,), generator=g))
 
 
+def load_average():
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
 def hardware(device="cpu") -> dict:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     info = dict(cpu=checkpoint.fingerprint("cpu")["device_name"], cores=os.cpu_count(),
                 threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), load_average=load)
+                python=platform.python_version(), load_average=load_average())
     if torch.device(device).type == "cuda":
         record = checkpoint.fingerprint(device)
         info.update(gpu=record["device_name"], sm_count=record["sm_count"], cuda=record["cuda"])
@@ -283,7 +286,7 @@ def main(argv=None):
         return results
     for name in args.model.split(","):
         for v in args.variants.split(","):
-            before = hardware()["load_average"]
+            before = load_average()
             r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
                         reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
                         rounding=args.zo_rounding)

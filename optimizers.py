@@ -123,17 +123,25 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         group["mask_age"] = age + 1
         return rge.Mask(group["mask_seed"], group["sparsity"])
 
+    def known_tied(self, params) -> set[int]:
+        """Indices of the tensors that an earlier forward showed are read more than once."""
+        return {i for i, p in enumerate(params) if id(p) in self.tied}
+
+    def learn_tied(self, params, est) -> rge.Estimate:
+        """Remember est's tensors read twice: from the next forward on, each is drawn once."""
+        self.tied |= {id(params[i]) for i in est.tied}
+        return est
+
     def estimate(self, closure, params, group) -> rge.Estimate:
         mask = self.mask(group)
         seeds = [self.next_seed() for _ in range(group["q"])]
         pair = group["pair"] and rge.supports_pair(closure)
         # paired: a tensor read twice is perturbed once per forward, its copies kept for its
         # second reader; sequential stays at one module's copies at a time (Tab. 5's max_l |x_l|)
-        tied = {i for i, p in enumerate(params) if id(p) in self.tied} if pair else set()
-        est = rge.estimate(closure, params, seeds=seeds, mu=group["mu"], mask=mask, pair=pair,
-                           tied=tied, allow_unreached=group["allow_unreached"])
-        self.tied |= {id(params[i]) for i in est.tied}   # from the next forward on: drawn once
-        return est
+        tied = self.known_tied(params) if pair else set()
+        return self.learn_tied(params, rge.estimate(
+            closure, params, seeds=seeds, mu=group["mu"], mask=mask, pair=pair, tied=tied,
+            allow_unreached=group["allow_unreached"]))
 
     @torch.no_grad()
     def step(self, closure) -> float:
@@ -306,11 +314,9 @@ class FwdGradSGD(ZOSGD):
 
     def estimate(self, closure, params, group):
         seeds = [self.next_seed() for _ in range(group["q"])]
-        tied = {i for i, p in enumerate(params) if id(p) in self.tied}
-        est = forward_grad.estimate(closure, params, seeds=seeds, tied=tied,
-                                    allow_unreached=group["allow_unreached"])
-        self.tied |= {id(params[i]) for i in est.tied}   # from the next forward on: drawn once
-        return est
+        return self.learn_tied(params, forward_grad.estimate(
+            closure, params, seeds=seeds, tied=self.known_tied(params),
+            allow_unreached=group["allow_unreached"]))
 
 
 # ---- first order (back-prop) baselines ----------------------------------------------------------
