@@ -103,8 +103,9 @@ def generator(device, stream: int, seed: int, i: int) -> torch.Generator:
 def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> torch.Tensor:
     """u for tensor i: N(0, I) shaped like p, from a generator seeded by (seed, i) alone.
 
-    The only source of u in the project. A fresh generator per tensor (never the global RNG) makes u
-    independent of the order tensors are visited in, and of anything else that draws random numbers.
+    The only source of u in the project. A generator freshly seeded per tensor (never the global
+    RNG) makes u independent of the order tensors are visited in, and of anything else that draws
+    random numbers.
     With a mask, each entry is zeroed where a uniform draw from (mask.seed, i) falls below s_i:
     exactly Bernoulli(s_i). (The released code thresholds a normal draw and zeroes a share Φ(s_i).)
     """
