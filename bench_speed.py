@@ -53,6 +53,7 @@ import time
 import torch
 
 import checkpoint
+import memory
 import models
 import optimizers
 import peft
@@ -260,12 +261,17 @@ def main(argv=None):
                     help="the weights' dtype (16-bit: the GPU setting of Tab. 4)")
     ap.add_argument("--zo_rounding", default="stochastic", choices=optimizers.ROUNDINGS,
                     help="how this project's step writes 16-bit weights")
+    ap.add_argument("--malloc", default="cache", choices=("cache", "default"),
+                    help="CPU: keep freed blocks for reuse as train.py does "
+                         "(memory.cache_freed_memory), or glibc's default")
     ap.add_argument("--out", default=None, help="directory for one JSON per model and variant")
     ap.add_argument("--rounding", action="store_true",
                     help="instead: the share of a 16-bit update kept, per rounding (bf16, fp16)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "cache":
+        memory.cache_freed_memory()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here; use --device cpu")
     for v in args.variants.split(","):
@@ -290,7 +296,8 @@ def main(argv=None):
             r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
                         reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
                         rounding=args.zo_rounding)
-            r |= dict(hardware=hardware(args.device), load_average_before=before)
+            r |= dict(hardware=hardware(args.device), load_average_before=before,
+                      malloc=args.malloc)
             results.append(r)
             for clock in ("wall", "cpu"):
                 c = r[clock]

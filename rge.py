@@ -180,6 +180,29 @@ def _join(first, second, n):
     raise PairError(f"rge: the paired forward joins tensor outputs, not {type(first).__name__}")
 
 
+def _linear_pair(x, out_features, weights):
+    """An nn.Linear on a doubled batch x, rows :n/2 with weights[0] and rows n/2: with
+    weights[1] (each a (weight, bias) pair), written into one output: no torch.cat of the halves.
+    Each half runs the kernel F.linear runs (addmm with a bias, else mm, on the rows flattened),
+    so the halves are those of two F.linear calls."""
+    out = x.new_empty((*x.shape[:-1], out_features))
+    rows = x.shape[0] // 2
+    for (w, b), part in zip(weights, (slice(None, rows), slice(rows, None))):
+        xs, ys = x[part].reshape(-1, x.shape[-1]), out[part].view(-1, out_features)
+        torch.mm(xs, w.t(), out=ys) if b is None else torch.addmm(b, xs, w.t(), out=ys)
+    return out
+
+
+def _joins_in_place(module, args) -> bool:
+    """Can the paired forward run this outermost owner by `_linear_pair`? A plain nn.Linear
+    (a subclass may change forward) on rows that F.linear flattens with a view, outside autograd
+    and autocast (out= takes neither)."""
+    x = args[0] if args else None
+    return (type(module) is torch.nn.Linear and isinstance(x, torch.Tensor) and x.dim() >= 2
+            and (x.dim() == 2 or x.is_contiguous()) and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type))
+
+
 @contextmanager
 def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     """Within the block, every module sees `replace(θ_i, i)` instead of its trainable tensor θ_i.
@@ -197,15 +220,19 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     two forwards in one walk. The outermost module owning a trainable tensor runs on rows :n/2
     with the first replacements and again (its `forward`, through the forward hook) on rows n/2:
     with the second; the modules it calls see the replacement of the half that is running, and
-    its output is the two outputs stacked. Its batch is the first positional argument (a tensor,
-    or an int batch size); tensor arguments and keyword arguments of n rows are cut with it. The
+    its output is the two outputs stacked (a plain nn.Linear runs both halves at once into one
+    output, `_linear_pair`, and its own forward on no rows: the stacking would copy most of a
+    fully fine-tuned model's activations once more). Its batch is the first positional argument
+    (a tensor, or an int batch size); tensor arguments and keyword arguments of n rows are cut
+    with it. The
     owner's rows must be independent (true of linear, embedding, norm and adapter modules); a
     module with hooks of its own (which its second half would bypass) is refused (PairError).
 
     Yields a Counter: how many module calls read each tensor index (a paired call counts once).
     """
     index = {id(p): i for i, p in enumerate(params)}
-    values, reads, frames = {}, Counter(), []   # frames: (module, slots, n, second half's args)
+    values, reads, frames = {}, Counter(), []
+    # frames: (module, its slots, n, the second half's args, the output when both halves ran)
     half = [None]                  # paired: 0 or 1 while the outermost owner runs that half
 
     def value(p):
@@ -231,13 +258,20 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
                 raise PairError(f"rge: {type(module).__name__} has forward hooks of its own, "
                                 "which the paired forward's second half would bypass")
             n = _batch_size(module, args)
+            if _joins_in_place(module, args):   # both halves now; its forward runs on no rows
+                reads.update(index[id(p)] for _, p in slots)
+                pairs = [value(p) if id(p) in index else (p, p)         # (θ + μu, θ − μu)
+                        for p in (module.weight, module.bias)]
+                output = _linear_pair(args[0], module.out_features, list(zip(*pairs)))
+                frames.append((module, [], n, None, output))
+                return (args[0][:0], *args[1:])
             args, rest = _halves(args, n)
             if not isinstance(args[0], torch.Tensor):          # an int batch size: halved
                 args, rest = (n // 2, *args[1:]), (n // 2, *rest[1:])
             half[0] = 0
         if half[0] != 1:
             reads.update(index[id(p)] for _, p in slots)
-        frames.append((module, slots, n, rest))
+        frames.append((module, slots, n, rest, None))
         for name, p in slots:
             module._parameters[name] = value(p)
         return args if rest is not None else None
@@ -245,8 +279,11 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     def swap_out(module, args, kwargs, output):
         if not frames or frames[-1][0] is not module:
             return None
-        _, slots, n, rest = frames[-1]
-        if rest is not None:                            # now the second half
+        _, slots, n, rest, both = frames[-1]
+        paired = rest is not None or both is not None   # output: the doubled batch's
+        if both is not None:                            # both halves ran in swap_in
+            output = both
+        elif rest is not None:                          # now the second half
             half[0] = 1
             for name, p in slots:
                 module._parameters[name] = value(p)
@@ -258,7 +295,7 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
             module._parameters[name] = p
         if not frames:
             release()
-        return output if rest is not None else None
+        return output if paired else None
 
     handles = [register_module_forward_pre_hook(swap_in),
                register_module_forward_hook(swap_out, with_kwargs=True)]
@@ -267,7 +304,7 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     finally:
         for h in handles:
             h.remove()
-        for module, slots, _, _ in reversed(frames):   # a forward that raised
+        for module, slots, *_ in reversed(frames):     # a forward that raised
             for name, p in slots:
                 module._parameters[name] = p
         values.clear()

@@ -655,6 +655,8 @@ def main(cfg: Config, given=()) -> dict:
         cfg, path = check(cfg), None
         if world.main:
             check_output_dir(cfg)
+    if torch.device(cfg.device).type == "cpu":
+        memory.cache_freed_memory()      # no fresh pages faulted in for every step's draws
     run = setup(cfg)
     total = sum(p.numel() for p in run.model.parameters())
     trainable = sum(p.numel() for p in run.params)

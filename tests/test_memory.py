@@ -6,6 +6,8 @@ asserts a time.
 """
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,6 +198,28 @@ def test_cpu_readings_weights_state_and_dynamic(small_opt):
     assert zo["predicted_dynamic"] == emb
     assert abs(zo["measured_dynamic"] - emb) * GIB < 4 * MIB
     assert fo["measured_dynamic"] - fo["predicted_dynamic"] == pytest.approx(emb, rel=0.1)
+
+
+@pytest.mark.skipif(memory.LIBC is None or not os.path.exists(memory.STATUS),
+                    reason="needs glibc and Linux /proc")
+def test_cache_freed_memory_reuses_a_freed_block_without_fresh_pages():
+    """A 64 MiB tensor allocated again after it was freed, as a ZO step draws u again: glibc's
+    default maps it afresh (16384 pages of 4 KiB faulted in again; fewer with huge pages); with
+    freed blocks cached, a block is reused and (almost) no page is faulted in. track_tensors
+    undoes the caching."""
+    script = "\n".join([
+        "import resource, torch, memory",
+        "def faults():",                          # page faults of a 64 MiB tensor made again
+        "    for _ in range(3): torch.ones(1 << 24)",        # allocated, filled, freed
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt",
+        "    torch.ones(1 << 24)",
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before",
+        "print(faults(), memory.cache_freed_memory(), faults(), memory.track_tensors(), faults())"])
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         text=True, cwd=os.path.join(os.path.dirname(__file__), "..")).stdout
+    default, _, cached, _, tracked = out.split()
+    assert int(cached) < 64
+    assert int(default) > 10 * int(cached) + 16 and int(tracked) > 10 * int(cached) + 16
 
 
 @pytest.mark.slow

@@ -103,6 +103,44 @@ def test_paired_halves_see_plus_and_minus():
     assert all(p is q for p, q in zip(net.parameters(), params))   # θ itself back in place
 
 
+@pytest.mark.parametrize("shape", ["2d", "2d_strided", "3d"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_pair_is_two_linear_calls_bitwise(shape, bias):
+    """The halves a plain nn.Linear owner writes into one output are bitwise F.linear's: the same
+    kernel (addmm, or mm without a bias) on the same rows, for the inputs F.linear flattens."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 9, generator=g)
+    x = {"2d": x[:, 0].contiguous(), "2d_strided": x[:, -1], "3d": x}[shape]
+    weights = [(torch.randn(7, 9, generator=g), torch.randn(7, generator=g) if bias else None)
+               for _ in range(2)]
+    expected = torch.cat([torch.nn.functional.linear(x[:3], *weights[0]),
+                          torch.nn.functional.linear(x[3:], *weights[1])])
+    assert torch.equal(rge._linear_pair(x, 7, weights), expected)
+
+
+def test_a_linear_owner_joins_its_halves_in_place(monkeypatch):
+    """A plain nn.Linear owner needs no concatenation of its halves (the LayerNorm still does);
+    a subclass of it takes the general path, and both give bitwise the same f(θ ± μu)."""
+    class Subclass(torch.nn.Linear):
+        pass
+
+    joins = []
+    join = rge._join
+    monkeypatch.setattr(rge, "_join", lambda *a: joins.append(1) or join(*a))
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4)
+    values = {}
+    for linear in (torch.nn.Linear, Subclass):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(linear(4, 6), torch.nn.LayerNorm(6), linear(6, 2))
+        joins.clear()
+        with torch.no_grad(), rge.perturbed_pair(list(net.parameters()), seed=4, mu=0.1):
+            y = net(torch.cat([x, x]))
+        values[linear] = torch.stack([y[:5].sum(), y[5:].sum()])
+        assert len(joins) == (1 if linear is torch.nn.Linear else 3)
+    assert torch.equal(values[torch.nn.Linear], values[Subclass])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["block", "hybrid", "sparse"])
 def test_paired_step_equals_sequential_step_for_variants(kind, monkeypatch):
