@@ -39,6 +39,8 @@ and the ratios mezo / zo_pair (speed-up, target ≥ 1.6) and zo_pair / floor (ta
 variants: full fine-tuning; block-wise ZO (§5, Tab. 6: p blocks, one estimate each, floor
 2p·T_f + 2·T_u; the MeZO-style reference perturbs block by block); LoRA (§4, r 8 on q and v).
 Weights are random (models.CONFIGS shapes, fp32), token ids random: speed does not depend on them.
+On CPU the process keeps freed blocks for reuse, as train.py does (memory.cache_freed_memory;
+`--malloc default` measures glibc's default, which maps every block above 32 MiB afresh).
 
 References: Zhang et al. 2024, arXiv:2402.11592, §3, §5, Tab. 4; Malladi et al. 2023, MeZO,
 arXiv:2305.17333. Not here: memory (bench_memory.py); what the step does (rge.py, optimizers.py).

@@ -160,6 +160,7 @@ def track_tensors():
         LIBC.mallopt(M_MMAP_MAX, 1 << 16)          # glibc's default (cache_freed_memory sets 0)
         LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 16)    # fixed: no dynamic growth
         LIBC.mallopt(M_TRIM_THRESHOLD, 1 << 16)
+        LIBC.malloc_trim(0)                        # and give back what is cached already
 
 
 def cache_freed_memory():

@@ -224,9 +224,9 @@ def swapped(params: list[torch.Tensor], replace, *, keep=(), halves=False):
     output, `_linear_pair`, and its own forward on no rows: the stacking would copy most of a
     fully fine-tuned model's activations once more). Its batch is the first positional argument
     (a tensor, or an int batch size); tensor arguments and keyword arguments of n rows are cut
-    with it. The
-    owner's rows must be independent (true of linear, embedding, norm and adapter modules); a
-    module with hooks of its own (which its second half would bypass) is refused (PairError).
+    with it. The owner's rows must be independent (true of linear, embedding, norm and adapter
+    modules); a module with hooks of its own (which its second half would bypass) is refused
+    (PairError).
 
     Yields a Counter: how many module calls read each tensor index (a paired call counts once).
     """

@@ -203,23 +203,25 @@ def test_cpu_readings_weights_state_and_dynamic(small_opt):
 @pytest.mark.skipif(memory.LIBC is None or not os.path.exists(memory.STATUS),
                     reason="needs glibc and Linux /proc")
 def test_cache_freed_memory_reuses_a_freed_block_without_fresh_pages():
-    """A 64 MiB tensor allocated again after it was freed, as a ZO step draws u again: glibc's
-    default maps it afresh (16384 pages of 4 KiB faulted in again; fewer with huge pages); with
-    freed blocks cached, a block is reused and (almost) no page is faulted in. track_tensors
-    undoes the caching."""
+    """A tensor allocated again after it was freed, as a ZO step draws u again: glibc's default
+    maps a 64 MiB one afresh (16384 pages of 4 KiB faulted in again; fewer with huge pages);
+    with freed blocks cached, a block is reused and (almost) no page is faulted in. Then
+    track_tensors gives freed blocks back again: a 256 MiB tensor (larger than any block cached
+    before) faults its pages in every time it is made."""
     script = "\n".join([
         "import resource, torch, memory",
-        "def faults():",                          # page faults of a 64 MiB tensor made again
-        "    for _ in range(3): torch.ones(1 << 24)",        # allocated, filled, freed
+        "def faults(n):",                         # page faults of an n-float tensor made again
+        "    for _ in range(3): torch.ones(n)",             # allocated, filled, freed
         "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt",
-        "    torch.ones(1 << 24)",
+        "    torch.ones(n)",
         "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before",
-        "print(faults(), memory.cache_freed_memory(), faults(), memory.track_tensors(), faults())"])
+        "print(faults(1 << 24), memory.cache_freed_memory(), faults(1 << 24),",
+        "      faults(1 << 26), memory.track_tensors(), faults(1 << 26))"])
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                          text=True, cwd=os.path.join(os.path.dirname(__file__), "..")).stdout
-    default, _, cached, _, tracked = out.split()
-    assert int(cached) < 64
-    assert int(default) > 10 * int(cached) + 16 and int(tracked) > 10 * int(cached) + 16
+    default, _, cached, cached_large, _, tracked_large = map(int, out.replace("None", "0").split())
+    assert cached < 64 and cached_large < 256
+    assert default > 10 * cached + 16 and tracked_large > 10 * cached_large + 64
 
 
 @pytest.mark.slow
