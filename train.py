@@ -28,7 +28,9 @@ set by the GPU's SM count, so one seed gives different directions on an A100 and
 device name, SM count and versions are recorded (config.json, result.json) and checked on resume.
 
 Precision: --dtype auto (the default) is bf16 on CUDA where supported (else fp16) and fp32 on CPU.
-Weights load straight onto the device. --amp (FO mixed precision) needs fp32 weights.
+Weights load straight onto the device. --amp (FO mixed precision) needs fp32 weights. On CPU,
+freed blocks stay with the process for the next step (memory.cache_freed_memory, as CUDA's
+caching allocator does): a ZO step's draws then reuse memory rather than fault in fresh pages.
 
 Exit status: 0 done; 2 bad input (one line, before anything is written); 1 a non-finite loss or
 update (one line; nothing non-finite is saved; result.json says why), or data-parallel ranks
