@@ -300,21 +300,9 @@ def stale(cell, run_dir):
     return None
 
 
-def train_flags():
-    """The flags train.py accepts, read once from its --help (--resume and --overwrite are new)."""
-    if not hasattr(train_flags, "cache"):
-        text = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True,
-                              text=True).stdout
-        train_flags.cache = set(re.findall(r"--\w+", text))
-    return train_flags.cache
-
-
 def restart_args(kind, run_dir):
     """Extra train.py flags for a run found interrupted (resume) or with leftovers (dirty)."""
-    supported = train_flags()
-    if kind == "resume" and "--resume" in supported:
-        return ["--resume", run_dir]
-    return ["--overwrite"] if "--overwrite" in supported else []
+    return ["--resume", run_dir] if kind == "resume" else ["--overwrite"]
 
 
 def last_line(path):

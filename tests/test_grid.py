@@ -151,8 +151,8 @@ def test_layout_columns_name_what_varies():
     assert grid.pct(0.9083, 0.0041) == "90.8 ± 0.4" and grid.pct(0.5, None) == "50.0"
 
 
-def test_run_states_and_restart_flags(tmp_path, monkeypatch):
-    """done / resume / dirty / new, and only the restart flags train.py has."""
+def test_run_states_and_restart_flags(tmp_path):
+    """done / resume / dirty / new, and the restart flags, which train.py parses."""
     done, resume, dirty = (str(tmp_path / n) for n in ("done", "resume", "dirty"))
     os.makedirs(os.path.join(resume, "checkpoint-20"))
     os.makedirs(dirty)
@@ -161,13 +161,10 @@ def test_run_states_and_restart_flags(tmp_path, monkeypatch):
     fake_run(done, cell, 0.5, 0.5)
     assert [grid.state(os.path.join(done, cell.path)), grid.state(resume), grid.state(dirty),
             grid.state(str(tmp_path / "none"))] == ["done", "resume", "dirty", "new"]
-    monkeypatch.setattr(grid.train_flags, "cache", {"--resume", "--overwrite"}, raising=False)
     assert grid.restart_args("resume", resume) == ["--resume", resume]
     assert grid.restart_args("dirty", dirty) == ["--overwrite"]
-    monkeypatch.setattr(grid.train_flags, "cache", {"--overwrite"})
-    assert grid.restart_args("resume", resume) == ["--overwrite"]
-    monkeypatch.setattr(grid.train_flags, "cache", set())
-    assert grid.restart_args("resume", resume) == [] == grid.restart_args("dirty", dirty)
+    for kind, run_dir in (("resume", resume), ("dirty", dirty)):     # flags train.py parses
+        assert grid.train.parse_args(grid.restart_args(kind, run_dir))[1] <= set(grid.FIELDS)
 
 
 def test_finished_run_with_other_settings_is_reported_not_reused(tmp_path):
