@@ -61,7 +61,7 @@ def directional_derivative(loss_fn, params: list[torch.Tensor], seed: int, *, ti
     if not math.isfinite(slope):
         raise FloatingPointError(f"forward_grad: the directional derivative ∇fᵀu is {slope} "
                                  "(forward-mode AD overflowed; use fp32 or bf16 weights)")
-    return loss, slope, {i for i, n in reads.items() if n > 1}
+    return loss, slope, rge.read_twice(reads)
 
 
 def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], tied=(),
@@ -71,9 +71,9 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], tied=(),
     q = len(seeds)
     losses, projected = [], []
     for seed in seeds:
-        loss, slope, read_twice = directional_derivative(loss_fn, params, seed, tied=tied,
-                                                         allow_unreached=allow_unreached)
+        loss, slope, twice = directional_derivative(loss_fn, params, seed, tied=tied,
+                                                    allow_unreached=allow_unreached)
         losses.append(loss)
         projected.append(slope)                                    # eq. (1): d_j = ∇fᵀu_j
     return rge.Estimate(sum(losses) / q, list(seeds), projected, forward_passes=q,
-                        tied=read_twice)
+                        tied=twice)

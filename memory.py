@@ -126,8 +126,7 @@ def peaks(devices: list[str]) -> dict[str, dict[str, int]]:
     out = {}
     for device in devices:
         if is_cuda(device):
-            torch.cuda.synchronize(device)
-            out[device] = dict(allocated=torch.cuda.max_memory_allocated(device),
+            out[device] = dict(allocated=peak_bytes(device),
                                reserved=torch.cuda.max_memory_reserved(device))
         else:
             out[device] = dict(resident=peak_bytes(device))

@@ -350,6 +350,12 @@ class Unreached(ValueError):
     """A trainable tensor that no module forward read: the estimate cannot see it move."""
 
 
+def read_twice(reads) -> set[int]:
+    """The tensor indices that more than one module call read in a forward (`swapped`'s
+    Counter): a tied embedding that is also the LM head (Estimate.tied)."""
+    return {i for i, n in reads.items() if n > 1}
+
+
 def check_reached(params, reads, allow_unreached=False):
     """A trainable tensor that no module forward read would get c·u from an estimate that never
     saw it move: an error (Unreached), unless `allow_unreached`."""
@@ -404,7 +410,7 @@ def estimate(loss_fn, params: list[torch.Tensor], *, seeds: list[int], mu: float
         losses.append((f_plus + f_minus) / 2)
         projected.append(d)
     return Estimate(sum(losses) / q, list(seeds), projected, forward_passes=2 * q, mask=mask,
-                    tied={i for i, n in reads.items() if n > 1})
+                    tied=read_twice(reads))
 
 
 def gradients(est: Estimate, params: list[torch.Tensor]):

@@ -455,12 +455,22 @@ def fits_on_device(device, nbytes) -> bool:
     return nbytes + dynamic <= 0.95 * (free + cached)
 
 
+def best_on_device(cfg: Config, nbytes) -> bool:
+    """Does a best-dev copy of nbytes stay on the device (adapters always), or go to a file?"""
+    return cfg.peft != "ft" or fits_on_device(cfg.device, nbytes)
+
+
+def best_file(cfg: Config) -> str:
+    """The best-dev copy's file in the output directory, when it does not stay on the device."""
+    return os.path.join(cfg.output_dir, distributed.per_rank(checkpoint.BEST))
+
+
 def copy_best(cfg: Config, run: Run):
     """The current weights as the best-dev copy: tensors on the device when they fit (adapters
     always), else best.safetensors in the output directory (its path)."""
-    if cfg.peft != "ft" or fits_on_device(cfg.device, sum(p.nbytes for p in run.params)):
+    if best_on_device(cfg, sum(p.nbytes for p in run.params)):
         return [p.detach().clone() for p in run.params]
-    path = os.path.join(cfg.output_dir, distributed.per_rank(checkpoint.BEST))
+    path = best_file(cfg)
     checkpoint.write_tensors(dict(zip(run.names, run.params)), path)
     return path
 
@@ -494,20 +504,20 @@ def save_checkpoint(cfg, run, progress, best, log) -> str:
 def restore(cfg: Config, run: Run, path: str):
     """Progress and best-dev copy from checkpoint `path`, its weights and optimizer state loaded,
     log.jsonl cut back to the checkpoint's step."""
-    weights, best_file = checkpoint.load(path, parts(run.opt), cfg.device)
+    weights, saved_best = checkpoint.load(path, parts(run.opt), cfg.device)
     load_weights(run, weights)
     del weights
     progress = Progress(**checkpoint.read_state(path)["progress"])
     with open(os.path.join(cfg.output_dir, "log.jsonl"), "r+b") as f:
         f.truncate(progress.log_bytes)          # lines written after the checkpoint
     best = None
-    if best_file is not None:
-        if cfg.peft != "ft" or fits_on_device(cfg.device, os.path.getsize(best_file)):
-            saved = load_file(best_file, device=str(cfg.device))
+    if saved_best is not None:
+        if best_on_device(cfg, os.path.getsize(saved_best)):
+            saved = load_file(saved_best, device=str(cfg.device))
             best = [saved[n] for n in run.names]
         else:
-            best = os.path.join(cfg.output_dir, distributed.per_rank(checkpoint.BEST))
-            shutil.copyfile(best_file, best + ".tmp")
+            best = best_file(cfg)
+            shutil.copyfile(saved_best, best + ".tmp")
             os.replace(best + ".tmp", best)
     elif cfg.select == "best" and progress.best_step == progress.step < cfg.steps:
         best = copy_best(cfg, run)        # the run ended at its best step and is extended
