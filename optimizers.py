@@ -60,6 +60,11 @@ def round_stochastically_(p: torch.Tensor, x: torch.Tensor, generator) -> torch.
     return p.copy_(x)
 
 
+def _sample(p: torch.Tensor) -> torch.Tensor:
+    """Up to SAMPLE entries of p, evenly strided: a view of p when p is contiguous, else a copy."""
+    return p.detach().reshape(-1)[::max(1, p.numel() // SAMPLE)][:SAMPLE]
+
+
 class ZeroOrderOptimizer(torch.optim.Optimizer):
     """Base of the BP-free optimizers: estimate ĝ from forward passes, then update tensor by tensor.
 
@@ -146,7 +151,7 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure) -> float:
         losses, projected, self.forward_passes = [], [], 0
-        moved = [0, 0]                                  # sampled entries: changed, all
+        changed, sampled = [], 0                        # moved_fraction's sample
         for group in self.param_groups:                     # one group per block when block-wise
             est = self.estimate(closure, group["params"], group)
             for i, (p, g, scale) in enumerate(rge.gradients(est, group["params"])):
@@ -155,28 +160,32 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
                     g = g.to(wide).mul_(scale).add_(p, alpha=group["weight_decay"])
                     scale = 1.0                                   # ĝ + λθ, formed in fp32
                 t, a = self.update(p, g, scale, self.state[p], group)
-                self.write(p, t, a, group, seed=est.seeds[0], i=i, moved=moved)
+                c, n = self.write(p, t, a, group, seed=est.seeds[0], i=i)
+                changed.append(c)
+                sampled += n
             losses.append(est.loss)
             projected.append(sum(est.projected_grads) / len(est.projected_grads))
             self.forward_passes += est.forward_passes
         self.projected_grad = sum(projected) / len(projected)
-        self.moved_fraction = float(moved[0]) / max(moved[1], 1)    # one host sync per step
+        changed = float(torch.stack(changed).sum())             # one host sync per step
+        self.moved_fraction = changed / max(sampled, 1)
         return sum(losses) / len(losses)
 
-    def write(self, p, t, a, group, *, seed, i, moved):
-        """θ ← θ + a·t, the only write to the weights (see the class docstring)."""
+    def write(self, p, t, a, group, *, seed, i) -> tuple[torch.Tensor, int]:
+        """θ ← θ + a·t, the only write to the weights (see the class docstring). Returns how many
+        of a strided sample of p's entries changed (a 0-d tensor: no host sync) and of how many."""
         if not math.isfinite(a):
             raise FloatingPointError(f"zo: the step size of tensor #{i} {tuple(p.shape)} is {a} "
                                      "(a diverged estimate); no weight was written")
-        stride = max(1, p.numel() // SAMPLE)
-        before = p.detach().reshape(-1)[::stride][:SAMPLE].clone()
+        sample = _sample(p)
+        before = sample.clone()
         if p.dtype in (torch.float16, torch.bfloat16) and group["rounding"] == "stochastic":
             gen = rge.generator(p.device, rge.ROUNDING, seed, i)
             round_stochastically_(p, p.float().add_(t, alpha=a), gen)
         else:
             p.add_(t, alpha=a)
-        moved[0] += (p.detach().reshape(-1)[::stride][:SAMPLE] != before).sum()
-        moved[1] += before.numel()
+        after = sample if p.is_contiguous() else _sample(p)     # a view sees the in-place write
+        return torch.ne(after, before).sum(), before.numel()
 
     def update(self, p, g, scale, state, group) -> tuple[torch.Tensor, float]:
         """The method's step for tensor p given ĝ_p = scale·g: (t, a) with θ ← θ + a·t."""

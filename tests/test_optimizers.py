@@ -537,3 +537,26 @@ def test_moved_fraction_is_the_share_of_entries_changed():
     total = sum(p.numel() for p in model.parameters())
     assert opt.moved_fraction == pytest.approx(changed / total)
     assert 0 < opt.moved_fraction < 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_moved_fraction_samples_large_tensors_strided(layout):
+    """A tensor of 2·6151 = 3·4096 + 14 entries is sampled at stride 3, the first 4096 such
+    entries of its row-major order, whether it is contiguous (the sample is a view that sees the
+    write) or not (the sample is a copy, read again after the write)."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(6151, 2, bias=False).to(torch.bfloat16)
+    weight = torch.randn(2, 6151, generator=g) * 0.02
+    if layout == "transposed":
+        weight = weight.t().contiguous().t()                # same values, column-major storage
+    layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16))
+    assert layer.weight.is_contiguous() == (layout == "contiguous")
+    x = torch.randn(3, 6151, generator=g).to(torch.bfloat16)
+    before = layer.weight.detach().clone()
+    opt = make_optimizer("zo_sgd", [layer.weight], lr=1e-4, rounding="nearest")
+    opt.step(lambda: (layer(x).float() ** 2).sum())
+    sample = slice(None, 3 * optimizers.SAMPLE, 3)
+    after = layer.weight.detach().reshape(-1)[sample]
+    changed = float((after != before.reshape(-1)[sample]).float().mean())
+    assert 0 < changed < 1
+    assert opt.moved_fraction == pytest.approx(changed)
