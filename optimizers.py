@@ -151,7 +151,7 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure) -> float:
         losses, projected, self.forward_passes = [], [], 0
-        changed, sampled = [], 0                        # moved_fraction's sample
+        changed, sampled = {}, 0      # moved_fraction's sample: counts per device (device_map)
         for group in self.param_groups:                     # one group per block when block-wise
             est = self.estimate(closure, group["params"], group)
             for i, (p, g, scale) in enumerate(rge.gradients(est, group["params"])):
@@ -161,13 +161,13 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
                     scale = 1.0                                   # ĝ + λθ, formed in fp32
                 t, a = self.update(p, g, scale, self.state[p], group)
                 c, n = self.write(p, t, a, group, seed=est.seeds[0], i=i)
-                changed.append(c)
+                changed.setdefault(c.device, []).append(c)
                 sampled += n
             losses.append(est.loss)
             projected.append(sum(est.projected_grads) / len(est.projected_grads))
             self.forward_passes += est.forward_passes
         self.projected_grad = sum(projected) / len(projected)
-        changed = float(torch.stack(changed).sum())             # one host sync per step
+        changed = sum(int(torch.stack(c).sum()) for c in changed.values())  # a sync per device
         self.moved_fraction = changed / max(sampled, 1)
         return sum(losses) / len(losses)
 
