@@ -32,6 +32,9 @@ median over the repetitions reported, with every repetition's value in the JSON:
   T_u         rge.direction over every trainable tensor
   T_add       θ + μu over every trainable tensor, into a new buffer (the cost of one perturbed
               copy; the floor counts none, this step makes three: θ + μu, θ − μu, the update)
+  T_upd       the step's update alone: u drawn again and written by the optimizer's `write`
+              with a zero step (same passes, weights unchanged); for 16-bit weights it includes
+              the configured rounding, so T_upd − T_u is what the write costs beyond the draw
   zo_pair     this project's ZO-SGD step, paired forward (the default)
   zo_seq      the same step with pair=False: two forwards, u drawn three times
   mezo        the MeZO-style step
@@ -62,7 +65,7 @@ import peft
 import rge
 import variants
 
-MEASURES = ("T_f", "T_f_full", "T_u", "T_add", "zo_pair", "zo_seq", "mezo")
+MEASURES = ("T_f", "T_f_full", "T_u", "T_add", "T_upd", "zo_pair", "zo_seq", "mezo")
 
 
 # ---- the two losses ------------------------------------------------------------------------------
@@ -154,11 +157,14 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
         for i, (p, u) in enumerate(zip(params, noise)):
             make(i, p, u)
 
+    zo = steppers[True]
     runs = {
         "T_f": lambda: torch.no_grad()(loss)(),
         "T_f_full": lambda: torch.no_grad()(full)(),
         "T_u": lambda: each(lambda i, p, u: rge.direction(p, seed, i)),
         "T_add": lambda: each(lambda i, p, u: torch.add(p, u, alpha=mu)),
+        "T_upd": lambda: each(lambda i, p, u: zo.write(p, rge.direction(p, seed, i), 0.0,
+                                                       zo.param_groups[0], seed=seed, i=i)),
         "zo_pair": lambda: steppers[True].step(loss),
         "zo_seq": lambda: steppers[False].step(loss),
         "mezo": lambda: mezo_step(full, blocks, seed, mu, lr),

@@ -54,6 +54,7 @@ from torch.nn.modules.module import (register_module_forward_hook,
 
 SEED_BITS = 20        # tensor index bits in a draw's key: up to 2^20 trainable tensors
 U, MASK, ROUNDING = 0, 1, 2   # the random streams a (seed, tensor) pair has: u, its mask, rounding
+CHUNK = 1 << 20       # entries per fp32 draw of a 16-bit u on the CPU (`gaussian`)
 
 
 @dataclass
@@ -100,6 +101,19 @@ def generator(device, stream: int, seed: int, i: int) -> torch.Generator:
     return _GENERATORS[device].manual_seed(_mix(stream << 60 | seed << SEED_BITS | i))
 
 
+def gaussian(shape, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """N(0, I) of `shape` in `dtype` from `generator`. On the CPU a 16-bit tensor is drawn in fp32,
+    CHUNK entries at a time, each chunk rounded into it: torch's CPU normal_ is vectorised for
+    fp32 alone (a bf16 draw takes 1.45× as long, fp16 1.2×), and the chunk bounds the fp32
+    buffer. Elsewhere (CUDA's draw is as fast in any dtype) one draw in `dtype`."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float16, torch.bfloat16):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    u = torch.empty(shape, dtype=dtype)
+    for part in u.view(-1).split(CHUNK):
+        part.copy_(torch.randn(part.shape, generator=generator))
+    return u
+
+
 def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> torch.Tensor:
     """u for tensor i: N(0, I) shaped like p, from a generator seeded by (seed, i) alone.
 
@@ -109,8 +123,7 @@ def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> t
     With a mask, each entry is zeroed where a uniform draw from (mask.seed, i) falls below s_i:
     exactly Bernoulli(s_i). (The released code thresholds a normal draw and zeroes a share Φ(s_i).)
     """
-    u = torch.randn(p.shape, generator=generator(p.device, U, seed, i), device=p.device,
-                    dtype=p.dtype)
+    u = gaussian(p.shape, generator(p.device, U, seed, i), p.device, p.dtype)
     if mask is not None and mask.ratios[i] > 0:
         gen = generator(p.device, MASK, mask.seed, i)
         u.masked_fill_(torch.rand(p.shape, generator=gen, device=p.device) < mask.ratios[i], 0)

@@ -40,6 +40,31 @@ def test_every_bit_of_the_seed_and_stream_reaches_the_cpu_generator():
     assert len({tuple(v) for v in first.values()}) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_u_on_the_cpu_is_fp32_draws_rounded_chunk_by_chunk(dtype, monkeypatch):
+    """gaussian(): chunk k of a 16-bit u is the k-th fp32 draw of CHUNK entries from the same
+    generator, rounded (here CHUNK = 64 and 7·28 = 3·64 + 4 entries: the last chunk is short); the
+    chunks are distinct draws, not one draw repeated."""
+    monkeypatch.setattr(rge, "CHUNK", 64)
+    u = rge.gaussian((7, 28), torch.Generator().manual_seed(5), "cpu", dtype)
+    g = torch.Generator().manual_seed(5)
+    expected = torch.cat([torch.randn(n, generator=g) for n in (64, 64, 64, 4)]).to(dtype)
+    assert u.dtype == dtype and u.shape == (7, 28)
+    assert torch.equal(u.flatten(), expected)
+    assert not torch.equal(u.flatten()[:64], u.flatten()[64:128])
+
+
+def test_a_16_bit_u_is_standard_normal_across_chunks():
+    """A bf16 u of 2·CHUNK + 3 entries: mean 0 and variance 1 within 5 standard errors (1/√n and
+    √(2/n)), and its chunks uncorrelated (< 5/√CHUNK)."""
+    u = rge.direction(torch.empty(2 * rge.CHUNK + 3, dtype=torch.bfloat16), 9, 0).float()
+    n = u.numel()
+    assert abs(float(u.mean())) < 5 / n ** 0.5
+    assert abs(float(u.var()) - 1) < 5 * (2 / n) ** 0.5
+    first, second = u[:rge.CHUNK], u[rge.CHUNK:2 * rge.CHUNK]
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 5 / rge.CHUNK ** 0.5
+
+
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_functional_perturbation_equals_explicit_weights(family):
     """f seen inside `perturbed` equals f of a copy whose weights were really set to θ + μu."""

@@ -301,5 +301,5 @@ def test_bench_speed_runs_every_variant_on_a_config_folder(tmp_path):
     for name in os.listdir(out):
         record = json.loads((out / name).read_text())
         timed = record["cpu"]["median"]
-        assert {"T_f", "T_u", "zo_pair", "zo_seq", "mezo"} <= set(timed)
+        assert {"T_f", "T_u", "T_upd", "zo_pair", "zo_seq", "mezo"} <= set(timed)
         assert all(timed[k] > 0 for k in ("T_f", "zo_pair", "zo_seq", "mezo"))
