@@ -509,6 +509,21 @@ def test_stochastic_rounding_is_exact_in_expectation(dtype):
     assert torch.equal(same, theta)
 
 
+@pytest.mark.parametrize("k", [13, 16])
+def test_random_bits_are_uniform_below_2_to_the_k(k):
+    """add_random_bits_ on zeros gives r itself: every value in [0, 2^k), each of 64 equal bins
+    holding 1/64 of 2^20 draws within 5 standard errors (√(n·(1/64)·(63/64))), and the low bit
+    fair (a value shifted or sign-extended wrongly breaks the range or the bins)."""
+    n = 1 << 20
+    r = optimizers.add_random_bits_(torch.zeros(n, dtype=torch.int32), k,
+                                    torch.Generator().manual_seed(0))
+    assert int(r.min()) >= 0 and int(r.max()) < 1 << k
+    assert int(r.max()) > (1 << k) - 64 and int(r.min()) < 64         # the whole range is hit
+    bins = torch.bincount(r >> (k - 6), minlength=64).double()
+    assert float((bins - n / 64).abs().max()) < 5 * (n / 64 * 63 / 64) ** 0.5
+    assert abs(float((r & 1).double().mean()) - 0.5) < 5 * 0.5 / n ** 0.5
+
+
 @pytest.mark.parametrize("dtype, rounding_moves", [(torch.float32, False), (torch.bfloat16, True)])
 def test_rounding_touches_16_bit_weights_only(dtype, rounding_moves):
     """fp32 weights: rounding="stochastic" and "nearest" give bitwise the same step. bf16: they
