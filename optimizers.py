@@ -40,6 +40,10 @@ import tied_grads
 
 ROUNDINGS = ("stochastic", "nearest")   # how 16-bit weights take a ZO update
 SAMPLE = 4096             # entries per tensor sampled for moved_fraction
+# entries a 16-bit write rounds at a time: its fp32 buffers stay in the CPU's cache; on a GPU a
+# chunk is a few kernels over 2^24 entries, and caps the fp32 buffers at 64 MB each
+ROUND_CHUNK = {"cpu": 1 << 18}
+ROUND_CHUNK_ELSEWHERE = 1 << 24
 
 
 # ---- zeroth order -------------------------------------------------------------------------------
@@ -80,6 +84,15 @@ def round_stochastically_(p: torch.Tensor, x: torch.Tensor, generator) -> torch.
         torch.bitwise_right_shift(bits, 16, out=p.view(torch.int16))    # one pass, not two
         return p
     return p.copy_(bits.bitwise_and_(-(1 << k)).view(torch.float32))
+
+
+def _chunks(p: torch.Tensor, t: torch.Tensor):
+    """Matching flat chunks of p (views: written in place) and t, ROUND_CHUNK entries each; p and
+    t whole when p is not contiguous."""
+    if not p.is_contiguous():
+        return [(p, t)]
+    n = ROUND_CHUNK.get(p.device.type, ROUND_CHUNK_ELSEWHERE)
+    return zip(p.view(-1).split(n), t.reshape(-1).split(n))
 
 
 def _sample(p: torch.Tensor) -> torch.Tensor:
@@ -203,7 +216,8 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
         before = sample.clone()
         if p.dtype in (torch.float16, torch.bfloat16) and group["rounding"] == "stochastic":
             gen = rge.generator(p.device, rge.ROUNDING, seed, i)
-            round_stochastically_(p, p.float().add_(t, alpha=a), gen)
+            for pc, tc in _chunks(p, t):        # θ + a·t in fp32 a chunk at a time, not whole
+                round_stochastically_(pc, pc.float().add_(tc, alpha=a), gen)
         else:
             p.add_(t, alpha=a)
         after = sample if p.is_contiguous() else _sample(p)     # a view sees the in-place write

@@ -524,6 +524,29 @@ def test_random_bits_are_uniform_below_2_to_the_k(k):
     assert abs(float((r & 1).double().mean()) - 0.5) < 5 * 0.5 / n ** 0.5
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_a_16_bit_write_rounds_chunk_by_chunk_from_one_stream(layout, monkeypatch):
+    """ROUND_CHUNK = 64, a bf16 tensor of 16·17 = 4·64 + 16 entries, all v, stepped by half a
+    unit in the last place: every entry lands on v or on its upper neighbour, about half on each
+    (binomial: 136 ± 5·8.2), and the five chunks' choices differ (one generator continues across
+    chunks; a generator restarted per chunk would repeat them). Not contiguous: one chunk."""
+    monkeypatch.setattr(optimizers, "ROUND_CHUNK", {"cpu": 64})
+    v = torch.tensor(0.02, dtype=torch.bfloat16)
+    up = torch.nextafter(v, torch.tensor(1.0, dtype=torch.bfloat16))
+    p = torch.full((16, 17), float(v), dtype=torch.bfloat16)
+    if layout == "transposed":
+        p = p.t().contiguous().t()
+    t = torch.ones(16, 17, dtype=torch.bfloat16)
+    opt = make_optimizer("zo_sgd", [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with torch.no_grad():
+        opt.write(p, t, (float(up) - float(v)) / 2, opt.param_groups[0], seed=3, i=0)
+    assert bool(((p == v) | (p == up)).all())
+    ups = (p == up).reshape(-1)
+    assert abs(int(ups.sum()) - 136) < 5 * 8.25
+    chunks = [ups[k:k + 64] for k in range(0, 256, 64)]
+    assert len({tuple(c.tolist()) for c in chunks}) == 4
+
+
 @pytest.mark.parametrize("dtype, rounding_moves", [(torch.float32, False), (torch.bfloat16, True)])
 def test_rounding_touches_16_bit_weights_only(dtype, rounding_moves):
     """fp32 weights: rounding="stochastic" and "nearest" give bitwise the same step. bf16: they
