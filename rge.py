@@ -199,9 +199,8 @@ def _linear_pair(x, out_features, weights):
     Each half runs the kernel F.linear runs (addmm with a bias, else mm, on the rows flattened),
     so the halves are those of two F.linear calls."""
     out = x.new_empty((*x.shape[:-1], out_features))
-    rows = x.shape[0] // 2
-    for (w, b), part in zip(weights, (slice(None, rows), slice(rows, None))):
-        xs, ys = x[part].reshape(-1, x.shape[-1]), out[part].view(-1, out_features)
+    halves = zip(x.reshape(2, -1, x.shape[-1]), out.view(2, -1, out_features))   # views
+    for (w, b), (xs, ys) in zip(weights, halves):
         torch.mm(xs, w.t(), out=ys) if b is None else torch.addmm(b, xs, w.t(), out=ys)
     return out
 
