@@ -113,7 +113,8 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
     - a non-finite step size is refused before anything is written (FloatingPointError);
     - 16-bit weights with rounding="stochastic" (the default) get θ + a·t computed in fp32 and
       rounded up or down at random, unbiased (`round_stochastically_`, a generator seeded from
-      the step's seed and the tensor index, apart from u's). Rounding to nearest drops every
+      the step's seed and the tensor index, apart from u's), ROUND_CHUNK entries at a time, so
+      the fp32 buffers are a chunk's, never a tensor's. Rounding to nearest drops every
       change below half a unit in the last place: with weights ~0.02 and η·d·u ~ 1e-6 that is
       most of a bf16 step (see docs/speed.md). fp32 weights are written with a plain add;
     - `moved_fraction`: the share of a fixed sample of entries (up to 4096 per tensor, strided)
