@@ -547,6 +547,23 @@ def test_a_16_bit_write_rounds_chunk_by_chunk_from_one_stream(layout, monkeypatc
     assert len({tuple(c.tolist()) for c in chunks}) == 4
 
 
+def test_a_16_bit_write_holds_one_chunk_of_fp32_at_a_time(monkeypatch):
+    """ROUND_CHUNK = 4096: a bf16 write of 2^16 entries creates at most a chunk's fp32 copy and
+    random integers (6 bytes an entry: 24 KiB) beside the moved-fraction sample (8 KiB); the same
+    write rounding the tensor whole holds its 256 KiB fp32 copy at once."""
+    p = (torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    t = torch.ones_like(p)
+    opt = make_optimizer("zo_sgd", [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    peaks = {}
+    for chunk in (4096, 1 << 30):
+        monkeypatch.setattr(optimizers, "ROUND_CHUNK", {"cpu": chunk})
+        with torch.no_grad(), LivePeak() as live:
+            opt.write(p, t, 1e-4, opt.param_groups[0], seed=1, i=0)
+        peaks[chunk] = live.peak
+    assert peaks[4096] <= 6 * 4096 + 2 * optimizers.SAMPLE + 1024
+    assert peaks[1 << 30] >= 4 << 16
+
+
 @pytest.mark.parametrize("dtype, rounding_moves", [(torch.float32, False), (torch.bfloat16, True)])
 def test_rounding_touches_16_bit_weights_only(dtype, rounding_moves):
     """fp32 weights: rounding="stochastic" and "nearest" give bitwise the same step. bf16: they
