@@ -45,9 +45,12 @@ LOSSES = ("task", "lm")
 RESULTS = "results"               # the recorded results, committed
 
 
-def synthetic_loss(model, ids, loss="task", amp_dtype=None):
+def synthetic_loss(model, ids, loss="task", amp_dtype=None, pair=False):
     """The loss closure on random tokens `ids` [B, T], fp32; the forward under autocast when
-    `amp_dtype` is given (FP16 mixed precision).
+    `amp_dtype` is given (FP16 mixed precision). pair=True (task loss): the closure also takes
+    `pair`, so a ZO step runs train.py's default paired forward (rge.estimate: the batch doubled,
+    [f(first half), f(second half)]); without it a ZO step takes the sequential path, the one
+    Tab. 5's ZO row describes.
 
     "task": the work of train.py's loss (tasks.loss) for a one-token answer at the last position:
     the transformer runs on all B×T tokens, the LM head on B positions, log-softmax in fp32.
@@ -63,16 +66,22 @@ def synthetic_loss(model, ids, loss="task", amp_dtype=None):
         logits = model(input_ids=ids, use_cache=cache).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
-    def last_token():
-        h = model.base_model(input_ids=ids, use_cache=cache).last_hidden_state
+    def last_token(x):
+        h = model.base_model(input_ids=x, use_cache=cache).last_hidden_state
         h = h[:, [-1]]                          # a copy (as tasks.py's gather), not a view of h
         logp = model.lm_head(h)[:, 0].float().log_softmax(-1)           # [B, V]
-        return -logp.gather(1, ids[:, :1]).mean()
+        return -logp.gather(1, x[:, :1]).squeeze(1)                      # [B]
 
     def closure():
         with torch.autocast(ids.device.type, amp_dtype) if amp_dtype else nullcontext():
-            return every_token() if loss == "lm" else last_token()
-    return closure
+            return every_token() if loss == "lm" else last_token(ids).mean()
+
+    def paired(pair=False):
+        if not pair:
+            return closure()
+        nll, n = last_token(torch.cat([ids, ids])), len(ids)
+        return torch.stack([nll[:n].mean(), nll[n:].mean()])
+    return paired if pair else closure
 
 
 # ---- the benchmark ------------------------------------------------------------------------------
@@ -114,8 +123,9 @@ def profile(args, opt, batch_size, seq_len, zo_layers=None) -> dict:
     ids = torch.randint(4, config.vocab_size, (batch_size, seq_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
     t = memory.layer_terms(model, synthetic_loss(model, ids, args.loss), params)
-    loss = synthetic_loss(model, ids, args.loss, half if backprop else None)
+    loss = synthetic_loss(model, ids, args.loss, half if backprop else None, pair=args.pair)
     row = dict(model=args.model, opt=opt, peft=args.peft, dtype=args.dtype, loss=args.loss,
+               pair=args.pair,
                batch_size=batch_size, seq_len=seq_len, zo_layers=zo_layers,
                hardware=hardware(device), _terms=t)
     measured, kept, foreach = {}, 0, False
@@ -243,6 +253,8 @@ def main(argv=None) -> list[dict]:
                     help="16-bit: the weights of ZO (F16), autocast for FO (FP16)")
     ap.add_argument("--loss", default="task", choices=LOSSES, help="task: as train.py's loss, the "
                     "last token scored; lm: next-token loss on every token (full logits)")
+    ap.add_argument("--pair", action="store_true", help="ZO: the paired forward, train.py's "
+                    "default (task loss; the batch doubled); without it the sequential path")
     ap.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up")
@@ -262,6 +274,8 @@ def main(argv=None) -> list[dict]:
     for opt in args.opt.split(","):
         if opt not in known:
             fail(f"unknown --opt '{opt}'; choose from: {', '.join(known)}")
+    if args.pair and (args.loss != "task" or args.device == "meta"):
+        fail("--pair measures train.py's paired forward: it needs --loss task and a real device")
     name, values = args.sweep or ("seq_len", str(args.seq_len))
     if name not in SWEEPS:
         fail(f"unknown --sweep '{name}'; choose from: {', '.join(SWEEPS)}")
@@ -270,7 +284,7 @@ def main(argv=None) -> list[dict]:
     if args.sweep or args.out:
         tags = [name if args.sweep else f"b{args.batch_size}_s{args.seq_len}"] + \
             [args.dtype] * (args.dtype != "fp32") + [args.peft] * (args.peft != "ft") + \
-            [args.loss] * (args.loss != "task") + \
+            [args.loss] * (args.loss != "task") + ["pair"] * args.pair + \
             ["meta"] * (args.device == "meta")
         stem = "_".join([os.path.basename(models.HUB_IDS.get(args.model, args.model).rstrip("/")),
                          *tags])

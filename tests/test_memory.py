@@ -154,6 +154,20 @@ def test_synthetic_losses_against_the_models_own_logits(family):
     assert caches == [] and bool(default_caches) == (family != "roberta")   # the spotter works
 
 
+def test_the_paired_task_loss_is_the_task_loss_twice():
+    """pair=True: closure(pair=True) runs the doubled batch and returns the task loss for each
+    half (rge.estimate's contract), closure() the task loss itself."""
+    torch.manual_seed(0)
+    model = models.from_config(tiny_config("opt", vocab_size=64))
+    ids = torch.randint(4, 64, (3, 7))
+    with torch.no_grad():
+        task = bench_memory.synthetic_loss(model, ids)()
+        paired = bench_memory.synthetic_loss(model, ids, pair=True)
+        both = paired(pair=True)
+    assert both.shape == (2,) and torch.equal(paired(), task)
+    torch.testing.assert_close(both, torch.stack([task, task]), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", fast_first(FAMILIES))
 def test_both_losses_run_on_the_meta_device(family, tmp_path):
     """Every family's terms on meta (transformers' mask code must not read token values): what
@@ -198,6 +212,19 @@ def test_cpu_readings_weights_state_and_dynamic(small_opt):
     assert zo["predicted_dynamic"] == emb
     assert abs(zo["measured_dynamic"] - emb) * GIB < 4 * MIB
     assert fo["measured_dynamic"] - fo["predicted_dynamic"] == pytest.approx(emb, rel=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(memory.CLEAR_REFS), reason="needs Linux /proc")
+def test_the_paired_forward_holds_the_tied_embedding_twice(small_opt):
+    """--pair (train.py's default path): the tied embedding's two perturbed copies live through
+    the forward, so ZO-SGD's dynamic memory is at least 2·|x_emb|, one |x_emb| above Tab. 5's
+    max_l |x_l| (what the sequential path holds, test above), plus the doubled activations."""
+    zo, = bench_memory.main(["--model", small_opt, "--opt", "zo_sgd", "--device", "cpu", "--pair",
+                             "--batch_size", "2", "--seq_len", "16", "--steps", "1"])
+    emb = zo["_terms"]["x_l"][0] / GIB
+    assert zo["pair"] and zo["predicted_dynamic"] == emb
+    assert 2 * emb - 4 * MIB / GIB < zo["measured_dynamic"] < 2 * emb + 16 * MIB / GIB
 
 
 @pytest.mark.skipif(memory.LIBC is None or not os.path.exists(memory.STATUS),
@@ -250,7 +277,8 @@ def test_hybrid_sweep_falls_with_zo_layers_and_is_written(small_opt, tmp_path, c
     (["--model", "gpt-5"], "unknown --model 'gpt-5'"),
     (["--sweep", "lr", "1,2"], "unknown --sweep 'lr'"),
     (["--sweep", "seq_len", "64,long"], "comma-separated integers"),
-    (["--steps", "0"], "--steps must be at least 1")])
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--pair", "--loss", "lm"], "--pair measures train.py's paired forward")])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         meta(*argv)
