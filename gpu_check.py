@@ -1,7 +1,7 @@
 """One-GPU check: memory, the bitwise lr = 0 invariant, 16-bit updates and speed, recorded.
 
     python gpu_check.py                   # one NVIDIA GPU, writes results/gpu/ (each of its
-                                          # 8 sub-commands stops at --timeout seconds)
+                                          # 9 sub-commands stops at --timeout seconds)
     python gpu_check.py --cpu --out DIR   # the same checks on tiny shapes, on the CPU (tested)
 
 Needs python and PyPI only: every model is built from its config with random weights (no hub),
@@ -9,7 +9,8 @@ and the tokenizer is a word-level one trained here on the synthetic task's words
 
 (a) bench_memory.py rows for the OPT-1.3B and OPT-13B shapes, ZO-SGD and FO-SGD, 16-bit, batch
     16 × 400 and 4 × 400: peak GiB beside Tab. 5, and step time (the paper's Tab. 4/A1 setting:
-    OPT-13B ZO-SGD at 4 × 400 took 11.1 s/step and ~25–30 GB on an A100).
+    OPT-13B ZO-SGD at 4 × 400 took 11.1 s/step and ~25–30 GB on an A100); Tab. 5 describes
+    the sequential ZO path, and one more OPT-13B row measures train.py's paired default.
 (b) a 30-step train.py run on a local random OPT-1.3B directory, 16-bit, `--lr 0 --save`: the
     saved weights must equal the input bit for bit (the functional perturbation writes nothing).
 (c) the same run at a real learning rate, with and without stochastic rounding of the 16-bit
@@ -143,21 +144,21 @@ def main(argv=None):
 
     # (a) memory and step time beside Tab. 5
     memory_rows = []
-    for model, opts, batch in ((small, "zo_sgd,fo_sgd", 16), (big, "zo_sgd", 16),
-                               (big, "zo_sgd,fo_sgd", 4)):
+    for model, opts, batch, pair in ((small, "zo_sgd,fo_sgd", 16, []), (big, "zo_sgd", 16, []),
+                                     (big, "zo_sgd,fo_sgd", 4, []), (big, "zo_sgd", 4, ["--pair"])):
         if args.cpu:
             batch = 2
         stem = os.path.join(args.out, "memory")
         rc, seconds = run([sys.executable, "bench_memory.py", "--model", model, "--opt", opts,
                            "--device", args.device, "--dtype", args.dtype, "--seq_len", str(seq),
-                           "--batch_size", str(batch), "--steps", "2", "--out", stem],
+                           "--batch_size", str(batch), "--steps", "2", "--out", stem, *pair],
                           args.log, args.timeout)
         rows = []
         for path in glob.glob(os.path.join(stem, "*.json")):
             with open(path) as f:
                 rows += json.load(f)["rows"]
             os.remove(path)
-        keep = ("opt", "measured_peak", "predicted_peak", "step_s", "forward_s", "gap")
+        keep = ("opt", "pair", "measured_peak", "predicted_peak", "step_s", "forward_s", "gap")
         memory_rows.append(dict(model=os.path.basename(model), opts=opts, batch=batch,
                                 seq_len=seq, status=rc, seconds=round(seconds, 1),
                                 rows=[{k: r.get(k) for k in keep} for r in rows]))

@@ -22,6 +22,7 @@ def test_cpu_mode_records_memory_bitwise_lr0_and_rounding_shares(tmp_path):
     assert summary["hardware"]["device"] == "cpu"
     rows = [r for part in summary["parts"]["memory"] for r in part["rows"]]
     assert {r["opt"] for r in rows} == {"zo_sgd", "fo_sgd"}
+    assert [r["pair"] for r in rows if r["opt"] == "zo_sgd"] == [False, False, False, True]
     for r in rows:      # measured beside Tab. 5's prediction, within the documented gaps
         assert r["measured_peak"] > 0 and r["predicted_peak"] > 0 and r["step_s"] > 0
     zero = summary["parts"]["lr0"]
