@@ -165,7 +165,7 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
         "T_add": lambda: each(lambda i, p, u: torch.add(p, u, alpha=mu)),
         "T_upd": lambda: each(lambda i, p, u: zo.write(p, rge.direction(p, seed, i), 0.0,
                                                        zo.param_groups[0], seed=seed, i=i)),
-        "zo_pair": lambda: steppers[True].step(loss),
+        "zo_pair": lambda: zo.step(loss),
         "zo_seq": lambda: steppers[False].step(loss),
         "mezo": lambda: mezo_step(full, blocks, seed, mu, lr),
     }

@@ -203,8 +203,8 @@ class ZeroOrderOptimizer(torch.optim.Optimizer):
             projected.append(sum(est.projected_grads) / len(est.projected_grads))
             self.forward_passes += est.forward_passes
         self.projected_grad = sum(projected) / len(projected)
-        changed = sum(int(torch.stack(c).sum()) for c in changed.values())  # a sync per device
-        self.moved_fraction = changed / max(sampled, 1)
+        moved = sum(int(torch.stack(c).sum()) for c in changed.values())    # a sync per device
+        self.moved_fraction = moved / max(sampled, 1)
         return sum(losses) / len(losses)
 
     def write(self, p, t, a, group, *, seed, i) -> tuple[torch.Tensor, int]:
