@@ -58,6 +58,7 @@ import time
 import torch
 
 import checkpoint
+import cpu_linear
 import memory
 import models
 import optimizers
@@ -272,6 +273,9 @@ def main(argv=None):
     ap.add_argument("--malloc", default="cache", choices=("cache", "default"),
                     help="CPU: keep freed blocks for reuse as train.py does "
                          "(memory.cache_freed_memory), or glibc's default")
+    ap.add_argument("--cpu_linear", default="onednn", choices=cpu_linear.CHOICES,
+                    help="CPU: the kernel of fp32 linears outside autograd, as train.py's flag "
+                         "(every measurement runs on it)")
     ap.add_argument("--out", default=None, help="directory for one JSON per model and variant")
     ap.add_argument("--rounding", action="store_true",
                     help="instead: the share of a 16-bit update kept, per rounding (bf16, fp16)")
@@ -285,7 +289,7 @@ def main(argv=None):
     for v in args.variants.split(","):
         if v not in ("full", "block", "lora"):
             ap.error(f"unknown variant {v!r}; choose from: full, block, lora")
-    results = []
+    results, cpu = [], torch.device(args.device).type == "cpu"
     if args.rounding:
         for name in args.model.split(","):
             for dtype in (torch.bfloat16, torch.float16):
@@ -301,11 +305,12 @@ def main(argv=None):
     for name in args.model.split(","):
         for v in args.variants.split(","):
             before = load_average()
-            r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
-                        reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
-                        rounding=args.zo_rounding)
+            with cpu_linear.route(args.cpu_linear if cpu else "torch"):
+                r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
+                            reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
+                            rounding=args.zo_rounding)
             r |= dict(hardware=hardware(args.device), load_average_before=before,
-                      malloc=args.malloc)
+                      malloc=args.malloc, cpu_linear=args.cpu_linear if cpu else None)
             results.append(r)
             for clock in ("wall", "cpu"):
                 c = r[clock]

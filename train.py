@@ -63,6 +63,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from transformers.utils import logging as hf_logging
 
 import checkpoint
+import cpu_linear
 import distributed
 import memory
 import models
@@ -152,6 +153,9 @@ class Config:
     output_dir: str = opt_field("out", "where config.json, log.jsonl, result.json go")
     save: bool = opt_field(False, "also save the tuned weights (full model or adapter)")
     overwrite: bool = opt_field(False, "clear a non-empty --output_dir first")
+    cpu_linear: str = opt_field("onednn", "on the CPU, fp32 linears outside autograd (every ZO "
+                                "forward) run on oneDNN or on torch's default (MKL, AVX2 code on "
+                                "AMD)", choices=cpu_linear.CHOICES)
     checkpoint_every: int = opt_field(None, "also checkpoint every this many steps (always at "
                                       "the end and on Ctrl-C/SIGTERM)")
     resume: str = opt_field(None, "continue the run in this output directory from its last "
@@ -290,6 +294,7 @@ def resumed(cfg: Config, given: set) -> tuple[Config, str]:
         raise UserError(f"--resume {out}: no checkpoint there (it stopped before its first)")
     with open(os.path.join(out, "config.json")) as f:
         saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    saved.setdefault("cpu_linear", "torch")     # a run from before the flag: torch's kernel
     here = {k: getattr(cfg, k) for k in given} | dict(output_dir=out, resume=out,
                                                       overwrite=cfg.overwrite)
     new = check(Config(**saved | here))
@@ -680,7 +685,9 @@ def main(cfg: Config, given=()) -> dict:
             hardware=checkpoint.fingerprint(cfg.device), world_size=world.size))
     progress, best = restore(cfg, run, path) if path else (Progress(), None)
     try:
-        result = train(cfg, run, progress, best)
+        with cpu_linear.route(cfg.cpu_linear if torch.device(cfg.device).type == "cpu" else
+                              "torch"):
+            result = train(cfg, run, progress, best)
     except Diverged as e:
         if world.main:
             write_json(os.path.join(cfg.output_dir, "result.json"),

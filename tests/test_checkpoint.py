@@ -169,6 +169,21 @@ def test_resume_refuses_what_changes_the_numbers(finished, capsys):
             json.dump(state, f)
 
 
+def test_a_run_from_before_cpu_linear_resumes_on_torch_kernel(finished, capsys):
+    """A config.json without --cpu_linear (written before the flag) ran torch's kernel: the
+    resume keeps it, and refuses oneDNN as a change of the numbers."""
+    path = finished / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "cpu_linear"}))
+    try:
+        assert train.resumed(*train.parse_args(["--resume", str(finished)]))[0].cpu_linear \
+            == "torch"
+        expect_error(capsys, ["--resume", str(finished), "--cpu_linear", "onednn"], 2,
+                     "--cpu_linear onednn (the run has torch)")
+    finally:
+        path.write_text(json.dumps(saved))
+
+
 def test_resume_extends_a_run_with_more_steps(opt_dir, finished, tmp_path):
     """--steps 6 continues the 4-step run: its first 4 log lines stay, 2 follow, and the
     weights equal a 6-step run's that evaluated at the same steps."""
