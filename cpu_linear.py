@@ -51,9 +51,10 @@ def _plain(*tensors) -> bool:
 
 
 def _linear(x, weight, bias):
-    """oneDNN's x Wᵀ + b on the rows of x flattened (a view: x is contiguous)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias,
-                                           "none", [], "")
+    """oneDNN's x Wᵀ + b on the rows of x flattened (copied if strided: an LM head reads one
+    position of every sequence)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -64,12 +65,12 @@ class _OneDNNLinear(TorchFunctionMode):
             x, weight, *rest = args
             bias = kwargs.get("bias", rest[0] if rest else None)
             tensors = (x, weight) if bias is None else (x, weight, bias)
-            if _plain(*tensors) and x.is_contiguous() and weight.is_contiguous():
+            if _plain(*tensors) and weight.is_contiguous():
                 return _linear(x, weight, bias)
         elif func in (torch.addmm, torch.mm) and set(kwargs) == {"out"}:
             *bias, x, wt = args                      # addmm(b, x, Wᵀ, out=y), mm(x, Wᵀ, out=y)
             out = kwargs["out"]
-            if (_plain(x, wt, out, *bias) and x.is_contiguous() and wt.t().is_contiguous()
+            if (_plain(x, wt, out, *bias) and wt.t().is_contiguous()
                     and all(b.dim() == 1 for b in bias)):
                 return out.copy_(_linear(x, wt.t(), *bias or [None]))
         return func(*args, **kwargs)

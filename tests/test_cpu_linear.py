@@ -45,22 +45,27 @@ def test_route_runs_onednn_and_rounds_like_fp32(bias):
         if module.bias is not None:
             module.bias.copy_(b)
         from_module = module(x)
+        last = F.linear(x[:, -1], w, *args, **kwargs)      # strided rows: an LM head's input
     used = b if bias != "none" else None
     assert torch.equal(y, onednn(x, w, used)) and torch.equal(from_module, y)
+    assert torch.equal(last, onednn(x[:, -1].contiguous(), w, used))
     exact = F.linear(x.double(), w.double(), None if used is None else used.double())
     assert torch.allclose(y.double(), exact, rtol=1e-6, atol=1e-5)
 
 
 @needs_onednn
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_paired_linear_runs_onednn_per_half(bias):
+def test_the_paired_linear_runs_onednn_per_half(bias, strided):
     """rge._linear_pair's addmm/mm(out=) under the route: each half is oneDNN's F.linear of it."""
     x, w0, b0 = operands(seed=1)
     _, w1, b1 = operands(seed=2)
+    x = x[:, -1] if strided else x
     b0, b1 = (b0, b1) if bias else (None, None)
     with torch.no_grad(), cpu_linear.route():
         joined = rge._linear_pair(x, 8, [(w0, b0), (w1, b1)])
-    assert torch.equal(joined, torch.cat([onednn(x[:2], w0, b0), onednn(x[2:], w1, b1)]))
+    assert torch.equal(joined, torch.cat([onednn(x[:2].contiguous(), w0, b0),
+                                          onednn(x[2:].contiguous(), w1, b1)]))
 
 
 def test_autograd_tangents_other_dtypes_and_outside_run_torch_kernel():
