@@ -55,6 +55,9 @@ import platform
 import statistics
 import time
 
+# OpenMP workers spin 10^4 times (libgomp's default: 3·10^5) before they sleep, so the threads of
+# a CPU draw (rge.gaussian) get the cores right after a matmul; read when torch loads libgomp
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import torch
 
 import checkpoint

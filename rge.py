@@ -44,7 +44,9 @@ Not here: the updates that consume ĝ (optimizers.py); the forward-mode estimate
 """
 import inspect
 import math
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -54,7 +56,8 @@ from torch.nn.modules.module import (register_module_forward_hook,
 
 SEED_BITS = 20        # tensor index bits in a draw's key: up to 2^20 trainable tensors
 U, MASK, ROUNDING = 0, 1, 2   # the random streams a (seed, tensor) pair has: u, its mask, rounding
-CHUNK = 1 << 20       # entries per fp32 draw of a 16-bit u on the CPU (`gaussian`)
+CHUNK = 1 << 18       # entries per draw of u on the CPU, each from its own generator (`gaussian`)
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64/φ: chunk c's key is the tensor's key + c·_GOLDEN, then mixed
 
 
 @dataclass
@@ -78,7 +81,9 @@ class Estimate:
 
 # ---- directions ---------------------------------------------------------------------------------
 
-_GENERATORS = {}   # device → one generator, reseeded before every draw (creating one costs 18 µs)
+_THREAD = threading.local()   # .generators: device → this thread's generator, reseeded before
+                              # every draw (creating one costs 18 µs)
+_POOL = {}                        # threads → the CPU draw's thread pool
 _MASK64 = (1 << 64) - 1
 
 
@@ -92,25 +97,54 @@ def _mix(key: int) -> int:
     return key ^ (key >> 31)
 
 
-def generator(device, stream: int, seed: int, i: int) -> torch.Generator:
-    """The device's generator, seeded for draw `stream` (U, MASK or ROUNDING) of tensor i under
-    `seed` (< 2^40): the numbers depend on (stream, seed, i) alone, never on an earlier draw."""
+def generator(device, stream: int, seed: int, i: int, chunk: int = 0) -> torch.Generator:
+    """This thread's generator for the device, seeded for draw `stream` (U, MASK or ROUNDING) of
+    tensor i under `seed` (< 2^40), and for its chunk (`gaussian`; chunk 0 is the whole draw
+    where there is one): the numbers depend on these alone, never on an earlier draw."""
     device = torch.device(device)
-    if device not in _GENERATORS:
-        _GENERATORS[device] = torch.Generator(device=device)
-    return _GENERATORS[device].manual_seed(_mix(stream << 60 | seed << SEED_BITS | i))
+    if not hasattr(_THREAD, "generators"):
+        _THREAD.generators = {}
+    generators = _THREAD.generators
+    if device not in generators:
+        generators[device] = torch.Generator(device=device)
+    key = (stream << 60 | seed << SEED_BITS | i) + chunk * _GOLDEN
+    return generators[device].manual_seed(_mix(key & _MASK64))
 
 
-def gaussian(shape, generator: torch.Generator, device, dtype) -> torch.Tensor:
-    """N(0, I) of `shape` in `dtype` from `generator`. On the CPU a 16-bit tensor is drawn in fp32,
-    CHUNK entries at a time, each chunk rounded into it: torch's CPU normal_ is vectorised for
-    fp32 alone (a bf16 draw takes 1.45× as long, fp16 1.2×), and the chunk bounds the fp32
-    buffer. Elsewhere (CUDA's draw is as fast in any dtype) one draw in `dtype`."""
-    if torch.device(device).type != "cpu" or dtype not in (torch.float16, torch.bfloat16):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+def _pool() -> ThreadPoolExecutor:
+    """A thread per torch thread, for the CPU draws (torch releases the GIL inside an op)."""
+    n = torch.get_num_threads()
+    if n not in _POOL:
+        _POOL[n] = ThreadPoolExecutor(n, thread_name_prefix="rge-draw")
+    return _POOL[n]
+
+
+def gaussian(shape, device, dtype, stream: int, seed: int, i: int) -> torch.Tensor:
+    """N(0, I) of `shape` in `dtype`, for draw `stream` of tensor i under `seed`.
+
+    CUDA: one draw in `dtype`. CPU: torch's normal_ runs on one core (and is vectorised for fp32
+    alone: a bf16 draw takes 1.45× as long, fp16 1.2×), so u is drawn CHUNK entries at a time,
+    chunk c from its own generator (key (stream, seed, i, c)), the chunks spread over a thread
+    per torch thread; a 16-bit chunk is drawn in fp32 and rounded into u. u depends on CHUNK,
+    never on the number of threads; a tensor of one chunk is torch.randn of its generator.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.randn(shape, generator=generator(device, stream, seed, i), device=device,
+                           dtype=dtype)
     u = torch.empty(shape, dtype=dtype)
-    for part in u.view(-1).split(CHUNK):
-        part.copy_(torch.randn(part.shape, generator=generator))
+    parts = u.view(-1).split(CHUNK)
+
+    def draw(c):
+        g = generator("cpu", stream, seed, i, c)
+        if dtype == torch.float32:
+            parts[c].normal_(generator=g)
+        else:
+            parts[c].copy_(torch.randn(parts[c].shape, generator=g))
+
+    if len(parts) == 1:
+        draw(0)
+    else:
+        list(_pool().map(draw, range(len(parts))))        # list(): re-raises a worker's error
     return u
 
 
@@ -123,7 +157,7 @@ def direction(p: torch.Tensor, seed: int, i: int, mask: Mask | None = None) -> t
     With a mask, each entry is zeroed where a uniform draw from (mask.seed, i) falls below s_i:
     exactly Bernoulli(s_i). (The released code thresholds a normal draw and zeroes a share Φ(s_i).)
     """
-    u = gaussian(p.shape, generator(p.device, U, seed, i), p.device, p.dtype)
+    u = gaussian(p.shape, p.device, p.dtype, U, seed, i)
     if mask is not None and mask.ratios[i] > 0:
         gen = generator(p.device, MASK, mask.seed, i)
         u.masked_fill_(torch.rand(p.shape, generator=gen, device=p.device) < mask.ratios[i], 0)

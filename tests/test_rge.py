@@ -40,24 +40,34 @@ def test_every_bit_of_the_seed_and_stream_reaches_the_cpu_generator():
     assert len({tuple(v) for v in first.values()}) == 3
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_a_16_bit_u_on_the_cpu_is_fp32_draws_rounded_chunk_by_chunk(dtype, monkeypatch):
-    """gaussian(): chunk k of a 16-bit u is the k-th fp32 draw of CHUNK entries from the same
-    generator, rounded (here CHUNK = 64 and 7·28 = 3·64 + 4 entries: the last chunk is short); the
-    chunks are distinct draws, not one draw repeated."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_u_on_the_cpu_is_chunks_each_from_its_own_generator(dtype, monkeypatch):
+    """gaussian(): chunk c of u is torch.randn (fp32) of CHUNK entries from the generator keyed
+    (U, seed, i, c), rounded to the dtype (here CHUNK = 64 and 7·28 = 3·64 + 4 entries: the last
+    chunk is short), whatever the number of threads that draw them; the chunks are distinct."""
     monkeypatch.setattr(rge, "CHUNK", 64)
-    u = rge.gaussian((7, 28), torch.Generator().manual_seed(5), "cpu", dtype)
-    g = torch.Generator().manual_seed(5)
-    expected = torch.cat([torch.randn(n, generator=g) for n in (64, 64, 64, 4)]).to(dtype)
-    assert u.dtype == dtype and u.shape == (7, 28)
-    assert torch.equal(u.flatten(), expected)
+    expected = torch.cat([torch.randn(n, generator=rge.generator("cpu", rge.U, 5, 3, c))
+                          for c, n in enumerate((64, 64, 64, 4))]).to(dtype)
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        u = rge.direction(torch.empty(7, 28, dtype=dtype), 5, 3)
+        assert u.dtype == dtype and u.shape == (7, 28)
+        assert torch.equal(u.flatten(), expected)
     assert not torch.equal(u.flatten()[:64], u.flatten()[64:128])
 
 
-def test_a_16_bit_u_is_standard_normal_across_chunks():
-    """A bf16 u of 2·CHUNK + 3 entries: mean 0 and variance 1 within 5 standard errors (1/√n and
+def test_a_tensor_of_one_chunk_draws_as_its_generator_alone():
+    """Up to CHUNK entries, u is torch.randn of the tensor's generator (chunk 0's key is the
+    tensor's own), on the calling thread."""
+    u = rge.direction(torch.empty(100, 30), 3, 4)
+    assert torch.equal(u, torch.randn(100, 30, generator=rge.generator("cpu", rge.U, 3, 4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_u_is_standard_normal_across_chunks(dtype):
+    """A u of 2·CHUNK + 3 entries: mean 0 and variance 1 within 5 standard errors (1/√n and
     √(2/n)), and its chunks uncorrelated (< 5/√CHUNK)."""
-    u = rge.direction(torch.empty(2 * rge.CHUNK + 3, dtype=torch.bfloat16), 9, 0).float()
+    u = rge.direction(torch.empty(2 * rge.CHUNK + 3, dtype=dtype), 9, 0).float()
     n = u.numel()
     assert abs(float(u.mean())) < 5 / n ** 0.5
     assert abs(float(u.var()) - 1) < 5 * (2 / n) ** 0.5
