@@ -141,13 +141,15 @@ def build(name, variant, seed, dtype=torch.float32, device="cpu"):
 
 
 def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=0,
-            dtype=torch.float32, device="cpu", rounding="stochastic") -> dict:
+            dtype=torch.float32, device="cpu", rounding="stochastic", kernel="torch") -> dict:
     """Median seconds of every measurement over `reps` interleaved repetitions, and the ratios.
-    `rounding`: how this project's step writes 16-bit weights (fp32 weights: a plain add)."""
+    `rounding`: how this project's step writes 16-bit weights (fp32 weights: a plain add).
+    `kernel`: cpu_linear's, for every forward (both losses), as train.py routes them."""
     model, params, blocks = build(name, variant, seed, dtype, device)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len),
                         generator=torch.Generator().manual_seed(seed)).to(device)
-    loss, full = task_loss(model, ids), full_logits_loss(model, ids)
+    kernel = kernel if cpu_linear.pays(model) else "torch"
+    loss, full = (cpu_linear.routed(f(model, ids), kernel) for f in (task_loss, full_logits_loss))
     hp = dict(lr=lr, mu=mu, seed=seed, rounding=rounding)
     steppers = {pair: variants.build("zo_sgd", model, params, hp | dict(pair=pair),
                                      block=variant == "block") for pair in (True, False)}
@@ -183,6 +185,7 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
             f"{k} {times['wall'][k][-1]:.2f}/{times['cpu'][k][-1]:.2f}" for k in MEASURES),
             flush=True)
     result = dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
+                  cpu_linear=kernel,
                   seq_len=seq_len, reps=reps, dtype=str(dtype), rounding=rounding,
                   trainable=sum(p.numel() for p in params), threads=torch.get_num_threads(),
                   seconds=times)
@@ -308,12 +311,11 @@ def main(argv=None):
     for name in args.model.split(","):
         for v in args.variants.split(","):
             before = load_average()
-            with cpu_linear.route(args.cpu_linear if cpu else "torch"):
-                r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
-                            reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
-                            rounding=args.zo_rounding)
+            r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
+                        reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
+                        rounding=args.zo_rounding, kernel=args.cpu_linear if cpu else "torch")
             r |= dict(hardware=hardware(args.device), load_average_before=before,
-                      malloc=args.malloc, cpu_linear=args.cpu_linear if cpu else None)
+                      malloc=args.malloc)
             results.append(r)
             for clock in ("wall", "cpu"):
                 c = r[clock]

@@ -18,14 +18,21 @@ route is taken only where nothing is differentiated: no autograd recording and n
 tangent, which is every forward of a ZO step and every evaluation. There, `F.linear(x, W, b)`
 and the paired forward's `addmm(b, x, Wᵀ, out=y)` / `mm(x, Wᵀ, out=y)` (rge._linear_pair) of fp32
 CPU tensors run through oneDNN; all else (back-prop, 16-bit weights, which torch already sends to
-oneDNN, CUDA) runs as before. A kernel is deterministic for a given shape, so the paired and the
+oneDNN, CUDA) runs as before. So do products under MIN_MACS multiply-adds: a oneDNN call costs
+~12 µs before it computes, an MKL call ~2 µs (16 × 16 → 16: 13 against 2 µs; they break even
+near 128 × 128 → 128). A kernel is deterministic for a given shape, so the paired and the
 sequential forward still see bitwise equal products. oneDNN sums in another order than MKL: the
 products differ in the last bits (a few fp32 ulps, the rounding of any other kernel).
 
-`route()` is a `TorchFunctionMode`: it sees each torch call in its block, costs a few µs per
-call, and does nothing outside it. train.py enters it on the CPU (`--cpu_linear`, default
-onednn); where torch lacks the operator the block runs as before.
+`route()` is a `TorchFunctionMode`: it sees every torch call in its block, a few µs each, so it
+is entered around forwards alone (`routed(loss)`), not around the update's per-tensor draws and
+writes, and only for a model whose median linear has MIN_WEIGHT entries (`pays`): on a
+40-layer OPT of width 16, whose forwards are mostly per-tensor work (the perturbed copies are
+made inside them), a step took 87 ms routed against 53 ms. train.py routes the loss closure and
+the evaluation on the CPU (`--cpu_linear`, default onednn); where torch lacks the operator they
+run as before.
 """
+import functools
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -35,6 +42,8 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 CHOICES = ("onednn", "torch")
+MIN_MACS = 1 << 21    # rows × in × out below which torch's kernel is the faster one
+MIN_WEIGHT = 1 << 16  # a model whose median linear is smaller is not routed (`pays`)
 
 
 def available() -> bool:
@@ -48,6 +57,11 @@ def _plain(*tensors) -> bool:
     return not torch.is_grad_enabled() and all(
         t.dtype == torch.float32 and t.device.type == "cpu"
         and forward_ad.unpack_dual(t).tangent is None for t in tensors)
+
+
+def _large(x, weight) -> bool:
+    """At least MIN_MACS multiply-adds: where oneDNN's fixed cost is paid back."""
+    return x.numel() * weight.shape[0] >= MIN_MACS
 
 
 def _linear(x, weight, bias):
@@ -65,12 +79,12 @@ class _OneDNNLinear(TorchFunctionMode):
             x, weight, *rest = args
             bias = kwargs.get("bias", rest[0] if rest else None)
             tensors = (x, weight) if bias is None else (x, weight, bias)
-            if _plain(*tensors) and weight.is_contiguous():
+            if _plain(*tensors) and weight.is_contiguous() and _large(x, weight):
                 return _linear(x, weight, bias)
         elif func in (torch.addmm, torch.mm) and set(kwargs) == {"out"}:
             *bias, x, wt = args                      # addmm(b, x, Wᵀ, out=y), mm(x, Wᵀ, out=y)
             out = kwargs["out"]
-            if (_plain(x, wt, out, *bias) and wt.t().is_contiguous()
+            if (_plain(x, wt, out, *bias) and wt.t().is_contiguous() and _large(x, wt.t())
                     and all(b.dim() == 1 for b in bias)):
                 return out.copy_(_linear(x, wt.t(), *bias or [None]))
         return func(*args, **kwargs)
@@ -84,6 +98,27 @@ def route(kernel: str = "onednn"):
         raise ValueError(f"cpu_linear: unknown kernel {kernel!r}; choose one of {CHOICES}")
     with _OneDNNLinear() if kernel == "onednn" and available() else nullcontext():
         yield
+
+
+def pays(model: torch.nn.Module) -> bool:
+    """Whether routing `model`'s forwards pays for the mode, whose cost is per torch call: its
+    median linear has ≥ MIN_WEIGHT entries (256 × 256; 32 rows through it reach MIN_MACS). A
+    small model's one large linear, the LM head of a real vocabulary, does not count."""
+    sizes = sorted(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return bool(sizes) and sizes[len(sizes) // 2] >= MIN_WEIGHT
+
+
+def routed(fn, kernel: str = "onednn"):
+    """fn with each call inside `route(kernel)`; its signature is kept (rge reads a loss
+    closure's `pair` parameter)."""
+    if kernel not in CHOICES:
+        raise ValueError(f"cpu_linear: unknown kernel {kernel!r}; choose one of {CHOICES}")
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with route(kernel):
+            return fn(*args, **kwargs)
+    return call
 
 
 # ---- the kernels side by side ----------------------------------------------------------------

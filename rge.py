@@ -57,6 +57,7 @@ from torch.nn.modules.module import (register_module_forward_hook,
 SEED_BITS = 20        # tensor index bits in a draw's key: up to 2^20 trainable tensors
 U, MASK, ROUNDING = 0, 1, 2   # the random streams a (seed, tensor) pair has: u, its mask, rounding
 CHUNK = 1 << 18       # entries per draw of u on the CPU, each from its own generator (`gaussian`)
+SERIAL = 1 << 15      # entries below which torch runs an elementwise op on one thread (its grain)
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64/φ: chunk c's key is the tensor's key + c·_GOLDEN, then mixed
 
 
@@ -138,8 +139,11 @@ def gaussian(shape, device, dtype, stream: int, seed: int, i: int) -> torch.Tens
         g = generator("cpu", stream, seed, i, c)
         if dtype == torch.float32:
             parts[c].normal_(generator=g)
-        else:
-            parts[c].copy_(torch.randn(parts[c].shape, generator=g))
+        else:   # rounded in pieces that torch copies on one thread: on a worker thread a
+                # parallel op would start an OpenMP team of its own, more threads than cores
+            fp32 = torch.randn(parts[c].shape, generator=g)
+            for piece, value in zip(parts[c].split(SERIAL), fp32.split(SERIAL)):
+                piece.copy_(value)
 
     if len(parts) == 1:
         draw(0)

@@ -30,7 +30,9 @@ device name, SM count and versions are recorded (config.json, result.json) and c
 Precision: --dtype auto (the default) is bf16 on CUDA where supported (else fp16) and fp32 on CPU.
 Weights load straight onto the device. --amp (FO mixed precision) needs fp32 weights. On CPU,
 freed blocks stay with the process for the next step (memory.cache_freed_memory, as CUDA's
-caching allocator does): a ZO step's draws then reuse memory rather than fault in fresh pages.
+caching allocator does): a ZO step's draws then reuse memory rather than fault in fresh pages;
+fp32 linears outside autograd run on oneDNN (cpu_linear.py, --cpu_linear), and u is drawn on
+every core (rge.gaussian), OpenMP's workers spinning briefly so that they free the cores.
 
 Exit status: 0 done; 2 bad input (one line, before anything is written); 1 a non-finite loss or
 update (one line; nothing non-finite is saved; result.json says why), or data-parallel ranks
@@ -536,10 +538,13 @@ def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
     """The plain loop from progress.step to cfg.steps; returns the result dict of DESIGN §7."""
     model, opt, params, device = run.model, run.opt, run.params, cfg.device
     devices, world = memory.devices(model), distributed.world()
+    routes = torch.device(device).type == "cpu" and cpu_linear.pays(model)
+    kernel = cfg.cpu_linear if routes else "torch"
 
     def evaluate(data):
         distributed.check_replicas(params, world, f"step {progress.step}")
-        return distributed.evaluate(model, data, world, cfg.eval_batch_size)
+        with cpu_linear.route(kernel):
+            return distributed.evaluate(model, data, world, cfg.eval_batch_size)
 
     def read_peak():
         for d, reading in memory.peaks(devices).items():
@@ -567,7 +572,8 @@ def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
                 group["lr"] = lr_at(cfg, step - 1)
             start = time.perf_counter()
             try:
-                loss = opt.step(distributed.closure(model, batch, world))
+                loss = opt.step(cpu_linear.routed(distributed.closure(model, batch, world),
+                                                  kernel))
             except FloatingPointError as e:         # rge: a non-finite loss at θ ± μu
                 raise Diverged(f"step {step}: {e}") from None
             except (rge.PairError, rge.Unreached) as e:     # the model does not fit the method
@@ -688,9 +694,7 @@ def main(cfg: Config, given=()) -> dict:
             hardware=checkpoint.fingerprint(cfg.device), world_size=world.size))
     progress, best = restore(cfg, run, path) if path else (Progress(), None)
     try:
-        with cpu_linear.route(cfg.cpu_linear if torch.device(cfg.device).type == "cpu" else
-                              "torch"):
-            result = train(cfg, run, progress, best)
+        result = train(cfg, run, progress, best)
     except Diverged as e:
         if world.main:
             write_json(os.path.join(cfg.output_dir, "result.json"),
