@@ -132,6 +132,9 @@ def gaussian(shape, device, dtype, stream: int, seed: int, i: int) -> torch.Tens
     if torch.device(device).type != "cpu":
         return torch.randn(shape, generator=generator(device, stream, seed, i), device=device,
                            dtype=dtype)
+    if math.prod(shape) <= CHUNK:       # one chunk, drawn here: no per-chunk set-up
+        u = torch.randn(shape, generator=generator("cpu", stream, seed, i))
+        return u if dtype == torch.float32 else u.to(dtype)
     u = torch.empty(shape, dtype=dtype)
     parts = u.view(-1).split(CHUNK)
 
@@ -145,10 +148,7 @@ def gaussian(shape, device, dtype, stream: int, seed: int, i: int) -> torch.Tens
             for piece, value in zip(parts[c].split(SERIAL), fp32.split(SERIAL)):
                 piece.copy_(value)
 
-    if len(parts) == 1:
-        draw(0)
-    else:
-        list(_pool().map(draw, range(len(parts))))        # list(): re-raises a worker's error
+    list(_pool().map(draw, range(len(parts))))            # list(): re-raises a worker's error
     return u
 
 
