@@ -125,13 +125,17 @@ def test_small_products_and_calls_outside_routed_run_torch_kernel(monkeypatch):
     assert torch.equal(at, onednn(x, w, b))
 
 
-def test_only_a_model_with_a_large_linear_is_routed(opt_dir, tmp_path, monkeypatch):
-    """pays(): the median linear has MIN_WEIGHT entries; train.py does not route a model whose
-    linears are mostly smaller (the tiny OPT, with its real-vocabulary head), whatever
-    --cpu_linear says."""
+def test_a_model_pays_for_the_route_when_its_median_linear_is_large():
+    """pays(): the median linear has MIN_WEIGHT entries."""
     def linears(*widths):
         return torch.nn.Sequential(*[torch.nn.Linear(w, w) for w in widths], torch.nn.ReLU())
     assert cpu_linear.pays(linears(256, 256, 16)) and not cpu_linear.pays(linears(256, 16, 16))
+
+
+@needs_shared
+def test_train_does_not_route_a_model_of_small_linears(opt_dir, tmp_path, monkeypatch):
+    """The tiny OPT (small linears, a real-vocabulary head) is not routed, whatever
+    --cpu_linear says."""
     monkeypatch.setattr(cpu_linear, "MIN_MACS", 0)
     monkeypatch.setattr(cpu_linear, "route", lambda kernel: pytest.fail(f"routed to {kernel}")
                         if kernel == "onednn" else nullcontext())
