@@ -34,6 +34,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import rge
+
 PREFIX = "checkpoint-"
 STATE, WEIGHTS, BEST = "state.json", "weights.safetensors", "best.safetensors"
 
@@ -46,8 +48,8 @@ def fingerprint(device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, sm_count=props.multi_processor_count)
-    else:
-        info.update(device_name=_cpu_name(), threads=torch.get_num_threads())
+    else:       # u's CPU draw is cut in chunks of rge.CHUNK entries, each its own generator
+        info.update(device_name=_cpu_name(), threads=torch.get_num_threads(), u_chunk=rge.CHUNK)
     return info
 
 

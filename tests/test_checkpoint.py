@@ -152,21 +152,23 @@ def finished(opt_dir, tmp_path_factory):
 
 
 def test_resume_refuses_what_changes_the_numbers(finished, capsys):
-    """--lr, a linear schedule's --steps, another machine: refused in one line naming it."""
+    """--lr, a linear schedule's --steps, another machine or another CPU chunking of u: refused
+    in one line naming it."""
     expect_error(capsys, ["--resume", str(finished), "--lr", "0.5"], 2, "--lr 0.5",
                  "(the run has 0.001)")
     expect_error(capsys, ["--resume", str(finished), "--opt", "zo_adam", "--q", "2"], 2,
                  "--opt zo_adam", "--q 2")
     path = checkpoint.latest(finished)
     state = checkpoint.read_state(path)
-    moved = state | dict(fingerprint=state["fingerprint"] | dict(device_name="Other CPU"))
-    with open(os.path.join(path, checkpoint.STATE), "w") as f:
-        json.dump(moved, f)
-    try:
-        expect_error(capsys, ["--resume", str(finished)], 2, "device_name", "Other CPU")
-    finally:
+    for key, value in (("device_name", "Other CPU"), ("u_chunk", 4096)):
+        moved = state | dict(fingerprint=state["fingerprint"] | {key: value})
         with open(os.path.join(path, checkpoint.STATE), "w") as f:
-            json.dump(state, f)
+            json.dump(moved, f)
+        try:
+            expect_error(capsys, ["--resume", str(finished)], 2, key, str(value))
+        finally:
+            with open(os.path.join(path, checkpoint.STATE), "w") as f:
+                json.dump(state, f)
 
 
 def test_a_run_from_before_cpu_linear_resumes_on_torch_kernel(finished, capsys):
