@@ -8,9 +8,9 @@ set. On a 2-core AMD EPYC (Zen 5) VM the same fp32 products took (best of 5;
 `python cpu_linear.py` measures them on this machine):
 
     x (rows × in) · Wᵀ (in → out)     MKL        oneDNN
-    1024 × 768  → 3072               27.9 ms    12.6 ms   (2.2×)
-    1024 × 3072 → 768                26.6 ms    12.2 ms   (2.2×)
-    1024 × 768  → 50272 (LM head)   514 ms     261 ms     (2.0×)
+    1024 × 768  → 3072               28.4 ms    12.9 ms   (2.2×)
+    1024 × 3072 → 768                26.5 ms    12.9 ms   (2.1×)
+    1024 × 768  → 50272 (LM head)   568 ms     302 ms     (1.9×)
 
 torch reaches oneDNN for an fp32 linear only through an internal operator, the one its compiler
 (inductor) emits: `torch.ops.mkldnn._linear_pointwise`, which has no autograd formula. So the
@@ -90,12 +90,16 @@ class _OneDNNLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _check(kernel: str):
+    if kernel not in CHOICES:
+        raise ValueError(f"cpu_linear: unknown kernel {kernel!r}; choose one of {CHOICES}")
+
+
 @contextmanager
 def route(kernel: str = "onednn"):
     """Within the block, fp32 CPU linears outside autograd run on `kernel` (CHOICES): oneDNN,
     or torch's default (MKL on x86). oneDNN where torch lacks it: the default."""
-    if kernel not in CHOICES:
-        raise ValueError(f"cpu_linear: unknown kernel {kernel!r}; choose one of {CHOICES}")
+    _check(kernel)
     with _OneDNNLinear() if kernel == "onednn" and available() else nullcontext():
         yield
 
@@ -111,8 +115,7 @@ def pays(model: torch.nn.Module) -> bool:
 def routed(fn, kernel: str = "onednn"):
     """fn with each call inside `route(kernel)`; its signature is kept (rge reads a loss
     closure's `pair` parameter)."""
-    if kernel not in CHOICES:
-        raise ValueError(f"cpu_linear: unknown kernel {kernel!r}; choose one of {CHOICES}")
+    _check(kernel)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

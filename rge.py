@@ -126,21 +126,24 @@ def gaussian(shape, device, dtype, stream: int, seed: int, i: int) -> torch.Tens
     CUDA: one draw in `dtype`. CPU: torch's normal_ runs on one core (and is vectorised for fp32
     alone: a bf16 draw takes 1.45× as long, fp16 1.2×), so u is drawn CHUNK entries at a time,
     chunk c from its own generator (key (stream, seed, i, c)), the chunks spread over a thread
-    per torch thread; a 16-bit chunk is drawn in fp32 and rounded into u. u depends on CHUNK,
-    never on the number of threads; a tensor of one chunk is torch.randn of its generator.
+    per torch thread; a 16-bit chunk is drawn in fp32 and rounded into u (fp32 and fp64 are
+    drawn in their dtype). u depends on CHUNK, never on the number of threads; a tensor of one
+    chunk is torch.randn of its generator.
     """
     if torch.device(device).type != "cpu":
         return torch.randn(shape, generator=generator(device, stream, seed, i), device=device,
                            dtype=dtype)
+    native = dtype not in (torch.float16, torch.bfloat16)     # fp32, fp64: drawn as they are
     if math.prod(shape) <= CHUNK:       # one chunk, drawn here: no per-chunk set-up
-        u = torch.randn(shape, generator=generator("cpu", stream, seed, i))
-        return u if dtype == torch.float32 else u.to(dtype)
+        u = torch.randn(shape, generator=generator("cpu", stream, seed, i),
+                        dtype=dtype if native else torch.float32)
+        return u if native else u.to(dtype)
     u = torch.empty(shape, dtype=dtype)
     parts = u.view(-1).split(CHUNK)
 
     def draw(c):
         g = generator("cpu", stream, seed, i, c)
-        if dtype == torch.float32:
+        if native:
             parts[c].normal_(generator=g)
         else:   # rounded in pieces that torch copies on one thread: on a worker thread a
                 # parallel op would start an OpenMP team of its own, more threads than cores

@@ -56,11 +56,13 @@ def test_u_on_the_cpu_is_chunks_each_from_its_own_generator(dtype, monkeypatch):
     assert not torch.equal(u.flatten()[:64], u.flatten()[64:128])
 
 
-def test_a_tensor_of_one_chunk_draws_as_its_generator_alone():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_tensor_of_one_chunk_draws_as_its_generator_alone(dtype):
     """Up to CHUNK entries, u is torch.randn of the tensor's generator (chunk 0's key is the
-    tensor's own), on the calling thread."""
-    u = rge.direction(torch.empty(100, 30), 3, 4)
-    assert torch.equal(u, torch.randn(100, 30, generator=rge.generator("cpu", rge.U, 3, 4)))
+    tensor's own), on the calling thread, in the tensor's dtype (fp64 keeps its precision)."""
+    u = rge.direction(torch.empty(100, 30, dtype=dtype), 3, 4)
+    g = rge.generator("cpu", rge.U, 3, 4)
+    assert torch.equal(u, torch.randn(100, 30, generator=g, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
