@@ -141,14 +141,14 @@ def build(name, variant, seed, dtype=torch.float32, device="cpu"):
 
 
 def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=0,
-            dtype=torch.float32, device="cpu", rounding="stochastic", kernel="torch") -> dict:
+            dtype=torch.float32, device="cpu", rounding="stochastic", kernel="onednn") -> dict:
     """Median seconds of every measurement over `reps` interleaved repetitions, and the ratios.
     `rounding`: how this project's step writes 16-bit weights (fp32 weights: a plain add).
-    `kernel`: cpu_linear's, for every forward (both losses), as train.py routes them."""
+    `kernel`: cpu_linear's, for every forward (both losses), where train.py would route them."""
     model, params, blocks = build(name, variant, seed, dtype, device)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len),
                         generator=torch.Generator().manual_seed(seed)).to(device)
-    kernel = kernel if cpu_linear.pays(model) else "torch"
+    kernel = cpu_linear.kernel_for(model, device, kernel)
     loss, full = (cpu_linear.routed(f(model, ids), kernel) for f in (task_loss, full_logits_loss))
     hp = dict(lr=lr, mu=mu, seed=seed, rounding=rounding)
     steppers = {pair: variants.build("zo_sgd", model, params, hp | dict(pair=pair),
@@ -185,10 +185,9 @@ def measure(name, variant, *, batch_size, seq_len, reps, lr=1e-6, mu=1e-3, seed=
             f"{k} {times['wall'][k][-1]:.2f}/{times['cpu'][k][-1]:.2f}" for k in MEASURES),
             flush=True)
     result = dict(model=name, variant=variant, blocks=len(blocks), batch_size=batch_size,
-                  cpu_linear=kernel,
-                  seq_len=seq_len, reps=reps, dtype=str(dtype), rounding=rounding,
-                  trainable=sum(p.numel() for p in params), threads=torch.get_num_threads(),
-                  seconds=times)
+                  seq_len=seq_len, cpu_linear=kernel, reps=reps, dtype=str(dtype),
+                  rounding=rounding, trainable=sum(p.numel() for p in params),
+                  threads=torch.get_num_threads(), seconds=times)
     for clock in ("wall", "cpu"):
         t = times[clock]
         floors = [2 * len(blocks) * f + 2 * u for f, u in zip(t["T_f"], t["T_u"])]
@@ -295,7 +294,7 @@ def main(argv=None):
     for v in args.variants.split(","):
         if v not in ("full", "block", "lora"):
             ap.error(f"unknown variant {v!r}; choose from: full, block, lora")
-    results, cpu = [], torch.device(args.device).type == "cpu"
+    results = []
     if args.rounding:
         for name in args.model.split(","):
             for dtype in (torch.bfloat16, torch.float16):
@@ -313,7 +312,7 @@ def main(argv=None):
             before = load_average()
             r = measure(name, v, batch_size=args.batch_size, seq_len=args.seq_len,
                         reps=args.reps, dtype=models.DTYPES[args.dtype], device=args.device,
-                        rounding=args.zo_rounding, kernel=args.cpu_linear if cpu else "torch")
+                        rounding=args.zo_rounding, kernel=args.cpu_linear)
             r |= dict(hardware=hardware(args.device), load_average_before=before,
                       malloc=args.malloc)
             results.append(r)

@@ -112,6 +112,13 @@ def pays(model: torch.nn.Module) -> bool:
     return bool(sizes) and sizes[len(sizes) // 2] >= MIN_WEIGHT
 
 
+def kernel_for(model: torch.nn.Module, device, kernel: str) -> str:
+    """The kernel `model`'s forwards on `device` run on: `kernel` on the CPU where routing pays
+    (`pays`), torch's everywhere else."""
+    _check(kernel)
+    return kernel if torch.device(device).type == "cpu" and pays(model) else "torch"
+
+
 def routed(fn, kernel: str = "onednn"):
     """fn with each call inside `route(kernel)`; its signature is kept (rge reads a loss
     closure's `pair` parameter)."""

@@ -538,8 +538,7 @@ def train(cfg: Config, run: Run, progress: Progress, best) -> dict:
     """The plain loop from progress.step to cfg.steps; returns the result dict of DESIGN §7."""
     model, opt, params, device = run.model, run.opt, run.params, cfg.device
     devices, world = memory.devices(model), distributed.world()
-    routes = torch.device(device).type == "cpu" and cpu_linear.pays(model)
-    kernel = cfg.cpu_linear if routes else "torch"
+    kernel = cpu_linear.kernel_for(model, device, cfg.cpu_linear)
 
     def evaluate(data):
         distributed.check_replicas(params, world, f"step {progress.step}")
